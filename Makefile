@@ -1,0 +1,52 @@
+# Two commands do everything on a fresh Debian machine, as root:
+#   make demo   set up, then run the main job on a file-backed default
+#   make test   set up, then run the test suite
+# Setup installs the Debian packages ctxkv needs (only those missing), makes .venv and
+# builds the native core into it.
+
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvme-dev \
+	fio strace e2fsprogs util-linux
+DEMO_DIR ?= /var/tmp/ctxkv-demo
+DEMO_TARGET := $(DEMO_DIR)/target.img
+
+.PHONY: setup system-packages demo test lint bench-raw clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/build.py
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# The main job. Until the store lands it measures ctxkv's raw io_uring path against fio
+# on a file-backed target: write it, then read it, each interleaved with fio.
+demo: setup
+	mkdir -p $(DEMO_DIR)
+	test -f $(DEMO_TARGET) || truncate -s 1G $(DEMO_TARGET)
+	$(BIN)/ctxkv bench --compare-fio --rounds 2 --rw write --bs 4M --iodepth 8 --size 1G --runtime 3 $(DEMO_TARGET)
+	$(BIN)/ctxkv bench --compare-fio --rounds 2 --rw read --bs 4M --iodepth 8 --size 1G --runtime 3 $(DEMO_TARGET)
+
+test: setup lint
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Acceptance figures of the raw path: ctxkv vs fio on a loop device and a file.
+bench-raw: setup
+	$(BIN)/python bench/raw_vs_fio.py
+
+clean:
+	rm -rf $(VENV) build engine/_native.c engine/_native.o engine/_native*.so *.egg-info

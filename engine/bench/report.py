@@ -1,0 +1,118 @@
+"""How bench results are shown: fio-like text for people, fio-schema JSON for tools."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from engine import __version__
+from engine.bench.compare import METRICS, Comparison
+from engine.bench.job import Job, format_size
+from engine.bench.result import PERCENTILES, RunResult
+
+MiB = 1 << 20
+
+
+def job_options(job: Job) -> dict[str, str]:
+    options = {
+        "rw": job.rw,
+        "bs": format_size(job.block_bytes),
+        "iodepth": str(job.iodepth),
+        "numjobs": str(job.numjobs),
+        "filename": ":".join(job.targets),
+    }
+    if job.size_bytes is not None:
+        options["size"] = format_size(job.size_bytes)
+    if job.runtime_s is not None:
+        options["runtime"] = f"{job.runtime_s:g}s"
+    if job.time_based:
+        options["time_based"] = "1"
+    return options
+
+
+def describe_run(job: Job, result: RunResult, label: str) -> str:
+    """fio's normal output, in short."""
+    us = 1e-3
+    percentiles = ", ".join(
+        f"p{p:g}={v * us:.0f}" for p, v in sorted(result.clat_ns_percentile.items())
+    )
+    lines = [
+        f"{label}: rw={job.rw}, bs={format_size(job.block_bytes)}, iodepth={job.iodepth}, "
+        f"numjobs={job.numjobs}, targets={','.join(job.targets)}",
+        f"  {result.direction}: IOPS={result.iops:.1f}, BW={result.bw_bytes / MiB:.0f}MiB/s "
+        f"({result.bw_bytes / 1e6:.0f}MB/s)({result.io_bytes / MiB:.0f}MiB/"
+        f"{result.runtime_ns / 1e6:.0f}msec)",
+        f"    clat (usec): min={result.clat_ns_min * us:.0f}, max={result.clat_ns_max * us:.0f}, "
+        f"avg={result.clat_ns_mean * us:.1f}",
+        f"    clat percentiles (usec): {percentiles}",
+        f"  cpu: usr={result.usr_cpu_pct:.2f}%, sys={result.sys_cpu_pct:.2f}%; per I/O: "
+        f"usr={result.usr_cpu_ns_per_op * us:.1f}us, sys={result.sys_cpu_ns_per_op * us:.1f}us",
+    ]
+    if result.engine == "ctxkv":
+        extra = result.extra
+        lines.append(
+            f"  io_uring: {'|'.join(extra['ring_setup_flags']) or 'no setup flags'}, fixed buffers "
+            f"({extra['pool_backing']} pool), registered files, chunks of "
+            f"{format_size(extra['chunk_bytes'])}"
+        )
+    return "\n".join(lines)
+
+
+def describe_comparison(comparison: Comparison) -> str:
+    header = (
+        f"{'round':>6} {'engine':>7} {'MiB/s':>9} {'IOPS':>9} {'p50 us':>9} {'p99 us':>9} "
+        f"{'p99.9 us':>9} {'usr us/io':>10}"
+    )
+
+    def row(label: str, engine: str, values: dict[str, float]) -> str:
+        return (
+            f"{label:>6} {engine:>7} {values['bw_bytes'] / MiB:9.1f} {values['iops']:9.1f} "
+            f"{values['clat_ns_p50'] / 1e3:9.0f} {values['clat_ns_p99'] / 1e3:9.0f} "
+            f"{values['clat_ns_p99.9'] / 1e3:9.0f} {values['usr_cpu_ns_per_op'] / 1e3:10.1f}"
+        )
+
+    lines = [header]
+    for index, (fio_run, ctxkv_run) in enumerate(
+        zip(comparison.fio, comparison.ctxkv, strict=True)
+    ):
+        for run in (fio_run, ctxkv_run):
+            lines.append(
+                row(str(index + 1), run.engine, {m: read(run) for m, (read, _) in METRICS.items()})
+            )
+    summary = comparison.summary()
+    lines.append(row("median", "fio", summary["median_fio"]))
+    lines.append(row("median", "ctxkv", summary["median_ctxkv"]))
+    ratio = summary["ratio_ctxkv_over_fio"]
+    lines.append(
+        f"ctxkv/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, "
+        f"p50 latency {ratio['clat_ns_p50']:.3f}, p99 {ratio['clat_ns_p99']:.3f}, "
+        f"p99.9 {ratio['clat_ns_p99.9']:.3f}, usr CPU per I/O {ratio['usr_cpu_ns_per_op']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def run_json(job: Job, result: RunResult) -> dict[str, Any]:
+    return {
+        "ctxkv version": __version__,
+        "timestamp": int(time.time()),
+        "jobs": [result.fio_job_json(job.name, job_options(job))],
+    }
+
+
+def comparison_json(comparison: Comparison) -> dict[str, Any]:
+    job = comparison.job
+    options = job_options(job)
+    jobs = []
+    for index, (fio_run, ctxkv_run) in enumerate(
+        zip(comparison.fio, comparison.ctxkv, strict=True)
+    ):
+        jobs.append(fio_run.fio_job_json(f"fio-round{index + 1}", options))
+        jobs.append(ctxkv_run.fio_job_json(f"ctxkv-round{index + 1}", options))
+    return {
+        "ctxkv version": __version__,
+        "fio version": comparison.fio[0].extra.get("fio_version", ""),
+        "timestamp": int(time.time()),
+        "percentiles": [f"{p:g}" for p in PERCENTILES],
+        "jobs": jobs,
+        "comparison": comparison.summary(),
+    }

@@ -1,0 +1,108 @@
+"""`ctxkv bench`: fio-style runs of ctxkv's raw I/O path, optionally against fio itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.bench.compare import run_compare
+from engine.bench.job import RW_MODES, Job, parse_size
+from engine.bench.raw import ProgressCallback, run_raw
+from engine.bench.report import comparison_json, describe_comparison, describe_run, run_json
+from engine.bench.result import RunResult
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="measure the raw I/O path (fio-style), optionally side by side with fio",
+        description="Runs a fio-style job through ctxkv's io_uring path. With --compare-fio, "
+        "fio runs the same job on the same targets, interleaved, and both are printed "
+        "with their ratio.",
+    )
+    parser.add_argument("targets", nargs="+", metavar="TARGET", help="block device or file")
+    parser.add_argument("--mode", choices=["raw"], default="raw", help="what to measure")
+    parser.add_argument("--rw", choices=RW_MODES, default="read")
+    parser.add_argument("--bs", type=parse_size, default=4 << 20, help="block size (4k, 4M)")
+    parser.add_argument("--iodepth", type=int, default=8)
+    parser.add_argument("--numjobs", type=int, default=1)
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="bytes per job, spread over the targets (default: whole target)",
+    )
+    parser.add_argument("--runtime", type=float, default=None, help="seconds")
+    parser.add_argument(
+        "--time-based", action="store_true", help="repeat the region until --runtime has passed"
+    )
+    parser.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    parser.add_argument(
+        "--compare-fio",
+        action="store_true",
+        help="also run fio's io_uring engine, interleaved with ctxkv",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fio/ctxkv pairs with --compare-fio (default 3)"
+    )
+    parser.set_defaults(run=run)
+
+
+def terminal_progress(label: str) -> ProgressCallback | None:
+    """A progress line on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(bytes_done: int, elapsed_s: float) -> None:
+        rate = bytes_done / elapsed_s / (1 << 20) if elapsed_s else 0.0
+        sys.stderr.write(
+            f"\r{label}: {bytes_done / (1 << 20):.0f} MiB, {rate:.0f} MiB/s, {elapsed_s:.1f}s "
+        )
+        sys.stderr.flush()
+
+    return show
+
+
+def run(arguments: argparse.Namespace) -> int:
+    job = Job(
+        targets=tuple(arguments.targets),
+        rw=arguments.rw,
+        block_bytes=arguments.bs,
+        iodepth=arguments.iodepth,
+        numjobs=arguments.numjobs,
+        size_bytes=arguments.size,
+        runtime_s=arguments.runtime,
+        time_based=arguments.time_based,
+    )
+    normal = arguments.output_format == "normal"
+    progress = terminal_progress(f"ctxkv {job.rw}")
+
+    def clear_progress() -> None:
+        if progress is not None:
+            sys.stderr.write("\r\033[K")
+
+    if not arguments.compare_fio:
+        result = run_raw(job, progress)
+        clear_progress()
+        print(
+            describe_run(job, result, "ctxkv")
+            if normal
+            else json.dumps(run_json(job, result), indent=2)
+        )
+        return 0
+
+    def show_run(round_index: int, result: RunResult) -> None:
+        clear_progress()
+        if normal:
+            print(describe_run(job, result, f"round {round_index} {result.engine}"), flush=True)
+        elif sys.stderr.isatty():
+            sys.stderr.write(f"round {round_index}: {result.engine} done\n")
+
+    comparison = run_compare(job, arguments.rounds, show_run, progress)
+    if normal:
+        print()
+        print(describe_comparison(comparison))
+    else:
+        print(json.dumps(comparison_json(comparison), indent=2))
+    return 0

@@ -1,0 +1,340 @@
+"""A Python face on the native io_uring core.
+
+A Ring owns one io_uring with the pool's buffers and the devices' files registered.
+Callers describe I/O as a numpy array of IO_DTYPE (one row per logical I/O, built with
+vectorised numpy, never a Python loop per SQE) and hand the whole array to run(), which
+validates it, runs it in C with the GIL released, and raises on the first failure.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+
+import numpy as np
+
+from engine._native import ffi, lib
+from engine.errors import (
+    AlignmentError,
+    CtxkvError,
+    DeviceIOError,
+    OutOfRangeError,
+    ReadOnlyDeviceError,
+    ShortTransferError,
+    native_error,
+)
+from engine.io.buffers import BufferPool, Lease, memlock_error
+from engine.nvme.device import Device
+
+IO_DTYPE = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("addr", "<u8"),
+        ("nbytes", "<u4"),
+        ("buf_index", "<u2"),
+        ("file_index", "u1"),
+        ("opcode", "u1"),
+    ]
+)
+RESULT_DTYPE = np.dtype(
+    [
+        ("result", "<i8"),
+        ("submit_ns", "<u8"),
+        ("complete_ns", "<u8"),
+        ("chunks_pending", "<u4"),
+        ("reserved", "<u4"),
+    ]
+)
+assert IO_DTYPE.itemsize == ffi.sizeof("struct ctxkv_io") == 24
+assert RESULT_DTYPE.itemsize == ffi.sizeof("struct ctxkv_io_result") == 32
+
+UNREGISTERED_BUFFER = lib.CTXKV_UNREGISTERED_BUFFER
+MAX_IO_BYTES = (1 << 32) - 4096  # nbytes is a u32 in struct ctxkv_io
+
+
+class Op(enum.IntEnum):
+    READ = lib.CTXKV_OP_READ
+    WRITE = lib.CTXKV_OP_WRITE
+    FSYNC = lib.CTXKV_OP_FSYNC
+
+
+SETUP_FLAG_NAMES = {
+    1 << 8: "COOP_TASKRUN",
+    1 << 12: "SINGLE_ISSUER",
+    1 << 13: "DEFER_TASKRUN",
+    1 << 4: "CLAMP",
+}
+
+
+class Progress:
+    """Counters a run updates as it goes; another thread may read them or cancel the run."""
+
+    def __init__(self) -> None:
+        self._struct = ffi.new("struct ctxkv_progress *")
+
+    @property
+    def ops_done(self) -> int:
+        return self._struct.ops_done
+
+    @property
+    def bytes_done(self) -> int:
+        return self._struct.bytes_done
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self._struct.cancel)
+
+    def cancel(self) -> None:
+        self._struct.cancel = 1
+
+
+class Ring:
+    """One io_uring, used by the thread that made it (SINGLE_ISSUER lets the kernel skip
+    locking and run completions on our thread only when we wait for them)."""
+
+    def __init__(
+        self,
+        devices: Sequence[Device],
+        pool: BufferPool | None = None,
+        *,
+        entries: int = 256,
+        single_issuer: bool = True,
+    ):
+        if not 0 < len(devices) <= 256:
+            raise ValueError(f"a ring takes 1..256 devices, got {len(devices)}")
+        self.devices = list(devices)
+        self.pool = pool
+        self._owner_thread = threading.get_ident() if single_issuer else None
+        ring_out = ffi.new("struct ctxkv_ring **")
+        mode = lib.CTXKV_RING_SINGLE_ISSUER if single_issuer else 0
+        result = lib.ctxkv_ring_new(entries, mode, ring_out)
+        if result < 0:
+            raise native_error(result, f"io_uring_setup with {entries} entries")
+        self._ring = ring_out[0]
+        try:
+            self._register(pool)
+        except BaseException:
+            lib.ctxkv_ring_free(self._ring)
+            self._ring = ffi.NULL
+            raise
+        geometries = [device.geometry for device in self.devices]
+        self._block_bytes = np.array([g.logical_block_bytes for g in geometries], dtype=np.uint64)
+        self._capacity_bytes = np.array([g.capacity_bytes for g in geometries], dtype=np.uint64)
+        self._writable = np.array([device.writable for device in self.devices], dtype=bool)
+
+    def _register(self, pool: BufferPool | None) -> None:
+        fds = ffi.new("int32_t[]", [device.fd for device in self.devices])
+        chunk_bytes = ffi.new(
+            "uint32_t[]", [device.geometry.max_transfer_bytes for device in self.devices]
+        )
+        result = lib.ctxkv_ring_register_files(self._ring, fds, chunk_bytes, len(self.devices))
+        if result < 0:
+            raise native_error(result, "io_uring_register_files")
+        if pool is None:
+            return
+        iovecs = pool.iovecs()
+        addrs = ffi.new("uint64_t[]", [address for address, _ in iovecs])
+        lengths = ffi.new("uint64_t[]", [nbytes for _, nbytes in iovecs])
+        result = lib.ctxkv_ring_register_buffers(self._ring, addrs, lengths, len(iovecs))
+        if result == -errno.ENOMEM:
+            raise memlock_error(pool.arena_bytes, "register the buffer pool with io_uring")
+        if result < 0:
+            raise native_error(result, "io_uring_register_buffers")
+
+    @property
+    def setup_flags(self) -> int:
+        return lib.ctxkv_ring_setup_flags(self._ring)
+
+    @property
+    def setup_flag_names(self) -> list[str]:
+        return [name for bit, name in SETUP_FLAG_NAMES.items() if self.setup_flags & bit]
+
+    @property
+    def cq_entries(self) -> int:
+        return lib.ctxkv_ring_cq_entries(self._ring)
+
+    @staticmethod
+    def batch(count: int) -> np.ndarray:
+        """An empty I/O description array to fill in."""
+        return np.zeros(count, dtype=IO_DTYPE)
+
+    def run(
+        self,
+        ios: np.ndarray,
+        *,
+        depth: int = 32,
+        deadline_ns: int = 0,
+        progress: Progress | None = None,
+        results: np.ndarray | None = None,
+        raise_errors: bool = True,
+    ) -> np.ndarray:
+        """Runs ios with at most depth in flight; returns the results of those that ran.
+
+        A deadline (CLOCK_MONOTONIC ns, see monotonic_ns) or progress.cancel() stops it
+        early: then only a prefix of ios ran. Raises DeviceIOError or ShortTransferError
+        for the first failed I/O unless raise_errors is False.
+        """
+        self._check_usable()
+        if ios.dtype != IO_DTYPE or ios.ndim != 1 or not ios.flags.c_contiguous:
+            raise TypeError("ios must be a contiguous 1-d array of IO_DTYPE (see Ring.batch)")
+        if depth <= 0:
+            raise ValueError(f"depth must be positive, got {depth}")
+        self.validate(ios)
+        if results is None:
+            results = np.empty(len(ios), dtype=RESULT_DTYPE)
+        assert results.dtype == RESULT_DTYPE and len(results) >= len(ios)
+        ran = lib.ctxkv_ring_run(
+            self._ring,
+            ffi.cast("struct ctxkv_io *", ffi.from_buffer(ios)),
+            len(ios),
+            depth,
+            deadline_ns,
+            ffi.cast("struct ctxkv_io_result *", ffi.from_buffer(results)),
+            progress._struct if progress is not None else ffi.NULL,
+        )
+        if ran < 0:
+            raise native_error(ran, "io_uring_enter")
+        assert ran <= len(ios)
+        done = results[:ran]
+        if raise_errors:
+            self.raise_first_error(ios[:ran], done)
+        return done
+
+    def validate(self, ios: np.ndarray) -> None:
+        """Refuses, naming the first bad I/O, what the kernel would fail or what would
+        touch memory outside the pool: cheaper to explain here than to decode an EINVAL."""
+        if len(ios) == 0:
+            return
+        file_index = ios["file_index"]
+        bad = np.flatnonzero(file_index >= len(self.devices))
+        if len(bad):
+            raise ValueError(
+                f"I/O {bad[0]} names file {file_index[bad[0]]}, "
+                f"but the ring has {len(self.devices)}"
+            )
+        opcode = ios["opcode"]
+        bad = np.flatnonzero(opcode > Op.FSYNC)
+        if len(bad):
+            raise ValueError(f"I/O {bad[0]} has unknown opcode {opcode[bad[0]]}")
+        data = opcode != Op.FSYNC
+        offset, nbytes, addr = ios["offset"], ios["nbytes"].astype(np.uint64), ios["addr"]
+        block = self._block_bytes[file_index]
+        for what, values in (("offset", offset), ("length", nbytes), ("buffer address", addr)):
+            bad = np.flatnonzero(data & (values % block != 0))
+            if len(bad):
+                i = bad[0]
+                raise AlignmentError(
+                    f"I/O {i}: {what} {int(values[i])} is not a multiple of the logical block "
+                    f"size {int(block[i])} of {self.devices[file_index[i]].path}"
+                )
+        bad = np.flatnonzero(data & (nbytes == 0))
+        if len(bad):
+            raise AlignmentError(f"I/O {bad[0]} has length 0")
+        capacity = self._capacity_bytes[file_index]
+        bad = np.flatnonzero(data & (offset + nbytes > capacity))
+        if len(bad):
+            i = bad[0]
+            raise OutOfRangeError(
+                f"I/O {i}: {int(nbytes[i])} bytes at offset {int(offset[i])} reach past the end of "
+                f"{self.devices[file_index[i]].path} ({int(capacity[i])} bytes)"
+            )
+        bad = np.flatnonzero((opcode != Op.READ) & ~self._writable[file_index])
+        if len(bad):
+            raise ReadOnlyDeviceError(
+                f"I/O {bad[0]} writes to {self.devices[file_index[bad[0]]].path}, opened read-only"
+            )
+        self._validate_buffers(ios[data])
+
+    def _validate_buffers(self, ios: np.ndarray) -> None:
+        registered = ios["buf_index"] != UNREGISTERED_BUFFER
+        if not registered.any():
+            return
+        if self.pool is None:
+            raise ValueError("I/O names a registered buffer, but the ring has no buffer pool")
+        buf_index = ios["buf_index"][registered].astype(np.uint64)
+        addr = ios["addr"][registered]
+        end = addr + ios["nbytes"][registered]
+        pool = self.pool
+        start = pool.arena_address + buf_index * pool.buffer_bytes
+        bad = np.flatnonzero(
+            (buf_index >= pool.count) | (addr < start) | (end > start + pool.buffer_bytes)
+        )
+        if len(bad):
+            i = bad[0]
+            raise OutOfRangeError(
+                f"I/O of {int(end[i] - addr[i])} bytes at address {int(addr[i]):#x} does not lie "
+                f"inside pool buffer {int(buf_index[i])} ({pool.buffer_bytes} bytes)"
+            )
+
+    def raise_first_error(self, ios: np.ndarray, results: np.ndarray) -> None:
+        data = ios["opcode"] != Op.FSYNC
+        failed = np.flatnonzero(
+            (results["result"] < 0) | (data & (results["result"] != ios["nbytes"]))
+        )
+        if not len(failed):
+            return
+        i = failed[0]
+        io, result = ios[i], int(results["result"][i])
+        device = self.devices[io["file_index"]]
+        op = Op(int(io["opcode"])).name.lower()
+        if result < 0:
+            raise DeviceIOError(
+                -result, path=device.path, op=op, offset=int(io["offset"]), nbytes=int(io["nbytes"])
+            )
+        raise ShortTransferError(
+            errno.EIO,
+            f"{op} of {int(io['nbytes'])} bytes at offset {int(io['offset'])} on {device.path} "
+            f"moved only {result} bytes",
+        )
+
+    # One-I/O conveniences, for tools and tests rather than hot paths.
+
+    def read(self, file_index: int, offset: int, lease: Lease, nbytes: int | None = None) -> None:
+        self._one(Op.READ, file_index, offset, lease, nbytes)
+
+    def write(self, file_index: int, offset: int, lease: Lease, nbytes: int | None = None) -> None:
+        self._one(Op.WRITE, file_index, offset, lease, nbytes)
+
+    def fsync(self, file_index: int) -> None:
+        ios = self.batch(1)
+        ios[0] = (0, 0, 0, UNREGISTERED_BUFFER, file_index, Op.FSYNC)
+        self.run(ios, depth=1)
+
+    def _one(self, op: Op, file_index: int, offset: int, lease: Lease, nbytes: int | None) -> None:
+        nbytes = lease.nbytes if nbytes is None else nbytes
+        ios = self.batch(1)
+        ios[0] = (offset, lease.address, nbytes, lease.index, file_index, op)
+        self.run(ios, depth=1)
+
+    def _check_usable(self) -> None:
+        if self._ring == ffi.NULL:
+            raise CtxkvError("the ring is closed")
+        if self._owner_thread is not None and threading.get_ident() != self._owner_thread:
+            raise CtxkvError(
+                "this ring was made with single_issuer=True and belongs to the thread that "
+                "made it; make one Ring per thread"
+            )
+
+    def close(self) -> None:
+        if self._ring != ffi.NULL:
+            lib.ctxkv_ring_free(self._ring)
+            self._ring = ffi.NULL
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def monotonic_ns() -> int:
+    """The clock of deadlines and result timestamps (CLOCK_MONOTONIC)."""
+    return lib.ctxkv_monotonic_ns()

@@ -1,0 +1,101 @@
+/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as iSCSI, ext4 and the `crc32c`
+ * PyPI package compute it. The SSE4.2 instruction is used one 8-byte word at a time on a
+ * single stream; interleaving three streams would triple it, but one stream already
+ * outruns what a core's share of NVMe delivers. The portable slicing-by-8 version serves
+ * CPUs without SSE4.2, and tests pin the two to each other. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ctxkv.h"
+
+#define CTXKV_CRC32C_POLY 0x82F63B78u
+
+static uint32_t crc_table[8][256];
+static int crc_table_ready;
+
+static void crc_table_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = n;
+        for (int k = 0; k < 8; k++)
+            crc = (crc & 1) ? (crc >> 1) ^ CTXKV_CRC32C_POLY : crc >> 1;
+        crc_table[0][n] = crc;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t crc = crc_table[0][n];
+        for (int k = 1; k < 8; k++) {
+            crc = crc_table[0][crc & 0xff] ^ (crc >> 8);
+            crc_table[k][n] = crc;
+        }
+    }
+    __atomic_store_n(&crc_table_ready, 1, __ATOMIC_RELEASE);
+}
+
+uint32_t ctxkv_crc32c_portable(uint32_t crc, const void *data, size_t nbytes)
+{
+    if (!__atomic_load_n(&crc_table_ready, __ATOMIC_ACQUIRE))
+        crc_table_init(); /* idempotent: racing threads write identical tables */
+    const unsigned char *p = data;
+    crc = ~crc;
+    while (nbytes >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8); /* little-endian load, alignment-free */
+        word ^= crc;
+        crc = crc_table[7][word & 0xff] ^ crc_table[6][(word >> 8) & 0xff] ^
+              crc_table[5][(word >> 16) & 0xff] ^ crc_table[4][(word >> 24) & 0xff] ^
+              crc_table[3][(word >> 32) & 0xff] ^ crc_table[2][(word >> 40) & 0xff] ^
+              crc_table[1][(word >> 48) & 0xff] ^ crc_table[0][word >> 56];
+        p += 8;
+        nbytes -= 8;
+    }
+    while (nbytes--)
+        crc = crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(uint32_t crc, const void *data,
+                                                                 size_t nbytes)
+{
+    const unsigned char *p = data;
+    uint64_t crc64 = ~crc;
+    while (nbytes && ((uintptr_t)p & 7)) {
+        crc64 = __builtin_ia32_crc32qi((uint32_t)crc64, *p++);
+        nbytes--;
+    }
+    while (nbytes >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        crc64 = __builtin_ia32_crc32di(crc64, word);
+        p += 8;
+        nbytes -= 8;
+    }
+    while (nbytes--)
+        crc64 = __builtin_ia32_crc32qi((uint32_t)crc64, *p++);
+    return ~(uint32_t)crc64;
+}
+
+int ctxkv_crc32c_hardware(void)
+{
+    return __builtin_cpu_supports("sse4.2") ? 1 : 0;
+}
+
+uint32_t ctxkv_crc32c(uint32_t crc, const void *data, size_t nbytes)
+{
+    static int hardware = -1; /* racing first calls store the same answer */
+    if (hardware < 0)
+        hardware = ctxkv_crc32c_hardware();
+    return hardware ? crc32c_sse42(crc, data, nbytes) : ctxkv_crc32c_portable(crc, data, nbytes);
+}
+#else
+int ctxkv_crc32c_hardware(void)
+{
+    return 0;
+}
+
+uint32_t ctxkv_crc32c(uint32_t crc, const void *data, size_t nbytes)
+{
+    return ctxkv_crc32c_portable(crc, data, nbytes);
+}
+#endif

@@ -1,0 +1,277 @@
+/* The io_uring hot path. One ctxkv_ring_run call does what fio's io_uring engine does
+ * for a whole job: it keeps `depth` logical I/Os in flight, splits each into chunks no
+ * larger than its file's max transfer, submits in batches with one io_uring_enter per
+ * round and reaps every completion that is ready. Python pays one call per batch. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <liburing.h>
+
+#include "ctxkv.h"
+
+#define CTXKV_MAX_FILES 256
+
+struct ctxkv_ring {
+    struct io_uring uring;
+    uint32_t setup_flags;
+    uint32_t nbuffers;
+    uint32_t nfiles;
+    uint32_t chunk_bytes[CTXKV_MAX_FILES];
+};
+
+_Static_assert(sizeof(struct ctxkv_io) == 24, "struct ctxkv_io is mirrored by a numpy dtype");
+_Static_assert(sizeof(struct ctxkv_io_result) == 32, "mirrored by a numpy dtype");
+_Static_assert(sizeof(struct ctxkv_progress) == 24, "read by Python through cffi");
+
+uint64_t ctxkv_monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+int ctxkv_ring_new(uint32_t entries, uint32_t mode, struct ctxkv_ring **out)
+{
+    /* Best first. DEFER_TASKRUN runs completions only when we wait for them, on our own
+     * thread, which is exactly our usage; it requires SINGLE_ISSUER. */
+    static const uint32_t candidates[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    *out = NULL;
+    if (entries == 0)
+        return -EINVAL;
+    struct ctxkv_ring *ring = calloc(1, sizeof(*ring));
+    if (!ring)
+        return -ENOMEM;
+    int result = -EINVAL;
+    for (size_t i = 0; i < sizeof(candidates) / sizeof(candidates[0]); i++) {
+        uint32_t flags = candidates[i];
+        if ((flags & IORING_SETUP_SINGLE_ISSUER) && !(mode & CTXKV_RING_SINGLE_ISSUER))
+            continue;
+        struct io_uring_params params;
+        memset(&params, 0, sizeof(params));
+        params.flags = flags | IORING_SETUP_CLAMP;
+        result = io_uring_queue_init_params(entries, &ring->uring, &params);
+        if (result == 0) {
+            ring->setup_flags = params.flags;
+            *out = ring;
+            return 0;
+        }
+        if (result != -EINVAL)
+            break; /* only "flag unknown to this kernel" is worth another try */
+    }
+    free(ring);
+    return result;
+}
+
+void ctxkv_ring_free(struct ctxkv_ring *ring)
+{
+    if (!ring)
+        return;
+    io_uring_queue_exit(&ring->uring);
+    free(ring);
+}
+
+uint32_t ctxkv_ring_setup_flags(const struct ctxkv_ring *ring)
+{
+    return ring->setup_flags;
+}
+
+uint32_t ctxkv_ring_sq_entries(const struct ctxkv_ring *ring)
+{
+    return ring->uring.sq.ring_entries;
+}
+
+uint32_t ctxkv_ring_cq_entries(const struct ctxkv_ring *ring)
+{
+    return ring->uring.cq.ring_entries;
+}
+
+int ctxkv_ring_register_buffers(struct ctxkv_ring *ring, const uint64_t *addrs,
+                                const uint64_t *nbytes, uint32_t n)
+{
+    if (ring->nbuffers != 0 || n == 0 || n >= CTXKV_UNREGISTERED_BUFFER)
+        return -EINVAL;
+    struct iovec *iovecs = calloc(n, sizeof(*iovecs));
+    if (!iovecs)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        iovecs[i].iov_base = (void *)(uintptr_t)addrs[i];
+        iovecs[i].iov_len = nbytes[i];
+    }
+    int result = io_uring_register_buffers(&ring->uring, iovecs, n);
+    free(iovecs);
+    if (result == 0)
+        ring->nbuffers = n;
+    return result;
+}
+
+int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
+                              const uint32_t *chunk_bytes, uint32_t n)
+{
+    if (ring->nfiles != 0 || n == 0 || n > CTXKV_MAX_FILES)
+        return -EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (chunk_bytes[i] == 0)
+            return -EINVAL;
+    int result = io_uring_register_files(&ring->uring, fds, n);
+    if (result != 0)
+        return result;
+    memcpy(ring->chunk_bytes, chunk_bytes, n * sizeof(chunk_bytes[0]));
+    ring->nfiles = n;
+    return 0;
+}
+
+static uint32_t chunk_count(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
+{
+    if (io->opcode == CTXKV_OP_FSYNC)
+        return 1;
+    uint32_t chunk = ring->chunk_bytes[io->file_index];
+    return (io->nbytes + chunk - 1) / chunk;
+}
+
+static int io_is_valid(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
+{
+    if (io->file_index >= ring->nfiles || io->opcode > CTXKV_OP_FSYNC)
+        return 0;
+    if (io->opcode == CTXKV_OP_FSYNC)
+        return 1;
+    if (io->nbytes == 0)
+        return 0;
+    return io->buf_index == CTXKV_UNREGISTERED_BUFFER || io->buf_index < ring->nbuffers;
+}
+
+/* user_data is the I/O's index, so a completion needs no lookup table. */
+static void prep_chunk(struct io_uring_sqe *sqe, const struct ctxkv_io *io, uint64_t index,
+                       uint32_t chunk_offset, uint32_t chunk_len)
+{
+    void *addr = (void *)(uintptr_t)(io->addr + chunk_offset);
+    uint64_t offset = io->offset + chunk_offset;
+    int registered = io->buf_index != CTXKV_UNREGISTERED_BUFFER;
+    switch (io->opcode) {
+    case CTXKV_OP_READ:
+        if (registered)
+            io_uring_prep_read_fixed(sqe, io->file_index, addr, chunk_len, offset, io->buf_index);
+        else
+            io_uring_prep_read(sqe, io->file_index, addr, chunk_len, offset);
+        break;
+    case CTXKV_OP_WRITE:
+        if (registered)
+            io_uring_prep_write_fixed(sqe, io->file_index, addr, chunk_len, offset,
+                                      io->buf_index);
+        else
+            io_uring_prep_write(sqe, io->file_index, addr, chunk_len, offset);
+        break;
+    default:
+        io_uring_prep_fsync(sqe, io->file_index, IORING_FSYNC_DATASYNC);
+        break;
+    }
+    sqe->flags |= IOSQE_FIXED_FILE;
+    io_uring_sqe_set_data64(sqe, index);
+}
+
+int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
+                       uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
+                       struct ctxkv_progress *progress)
+{
+    if (depth == 0)
+        return -EINVAL;
+    const uint32_t cq_capacity = ring->uring.cq.ring_entries;
+    uint64_t next = 0;            /* first I/O not yet fully queued */
+    uint32_t next_offset = 0;     /* bytes of ios[next] already queued */
+    uint64_t completed = 0;
+    uint32_t ops_in_flight = 0;   /* logical I/Os started and not finished */
+    uint32_t chunks_in_flight = 0; /* never above the CQ size, so no overflow */
+    int stopping = 0;
+
+    for (;;) {
+        while (next < n && !stopping) {
+            const struct ctxkv_io *io = &ios[next];
+            struct ctxkv_io_result *r = &results[next];
+            if (next_offset == 0) {
+                if (ops_in_flight >= depth)
+                    break;
+                if ((progress && __atomic_load_n(&progress->cancel, __ATOMIC_RELAXED)) ||
+                    (deadline_ns && ctxkv_monotonic_ns() >= deadline_ns)) {
+                    stopping = 1;
+                    break;
+                }
+                r->submit_ns = ctxkv_monotonic_ns();
+                r->complete_ns = r->submit_ns;
+                r->reserved = 0;
+                if (!io_is_valid(ring, io)) {
+                    /* ios complete in order only as a prefix; an invalid one in the
+                     * middle completes at once rather than stalling the prefix. */
+                    r->result = -EINVAL;
+                    r->chunks_pending = 0;
+                    next++;
+                    completed++;
+                    continue;
+                }
+                r->result = 0;
+                r->chunks_pending = chunk_count(ring, io);
+                ops_in_flight++;
+            }
+            if (chunks_in_flight >= cq_capacity)
+                break;
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&ring->uring);
+            if (!sqe)
+                break; /* SQ full: submit what we have, come back after reaping */
+            uint32_t remaining = io->opcode == CTXKV_OP_FSYNC ? 0 : io->nbytes - next_offset;
+            uint32_t chunk = ring->chunk_bytes[io->file_index];
+            uint32_t chunk_len = remaining < chunk ? remaining : chunk;
+            prep_chunk(sqe, io, next, next_offset, chunk_len);
+            chunks_in_flight++;
+            next_offset += chunk_len;
+            if (next_offset >= io->nbytes || io->opcode == CTXKV_OP_FSYNC) {
+                next++;
+                next_offset = 0;
+            }
+        }
+
+        if (chunks_in_flight == 0 && (next >= n || stopping))
+            break;
+
+        int submitted;
+        do {
+            submitted = io_uring_submit_and_wait(&ring->uring, 1);
+        } while (submitted == -EINTR);
+        if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY)
+            return submitted; /* the ring itself is broken; results say nothing */
+
+        struct io_uring_cqe *cqe;
+        unsigned head;
+        unsigned reaped = 0;
+        io_uring_for_each_cqe(&ring->uring, head, cqe)
+        {
+            struct ctxkv_io_result *r = &results[cqe->user_data];
+            if (cqe->res < 0) {
+                if (r->result >= 0)
+                    r->result = cqe->res; /* the first error is the one to report */
+            } else if (r->result >= 0) {
+                r->result += cqe->res; /* a short chunk leaves result below nbytes */
+            }
+            reaped++;
+            chunks_in_flight--;
+            if (--r->chunks_pending == 0) {
+                r->complete_ns = ctxkv_monotonic_ns();
+                ops_in_flight--;
+                completed++;
+                if (progress) {
+                    __atomic_fetch_add(&progress->ops_done, 1, __ATOMIC_RELAXED);
+                    if (r->result > 0)
+                        __atomic_fetch_add(&progress->bytes_done, (uint64_t)r->result,
+                                           __ATOMIC_RELAXED);
+                }
+            }
+        }
+        io_uring_cq_advance(&ring->uring, reaped);
+    }
+    return (int64_t)completed;
+}

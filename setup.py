@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ctxkv",
+    version="0.1.0",
+    description="A KV-cache storage engine for LLM inference over raw NVMe namespaces",
+    python_requires=">=3.11",
+    packages=find_packages(include=["engine", "engine.*"]),
+    setup_requires=["cffi>=1.16"],
+    cffi_modules=["native/build.py:ffibuilder"],
+    install_requires=["cffi>=1.16", "numpy>=1.26"],
+    extras_require={
+        "test": ["pytest>=8", "crc32c>=2.4", "hypothesis>=6", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["ctxkv = engine.cli.main:main"]},
+)

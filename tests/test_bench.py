@@ -1,0 +1,246 @@
+"""`ctxkv bench`: fio-schema output, the fio comparison, io_uring doing the data I/O,
+and clear errors for bad targets. Speed itself is measured in bench/, not asserted here."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from engine.bench.fio import fio_arguments
+from engine.bench.job import Job, format_size, parse_size
+
+MIB = 1 << 20
+CTXKV = [sys.executable, "-m", "engine.cli.main"]
+
+
+def ctxkv(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    completed = subprocess.run([*CTXKV, *arguments], capture_output=True, text=True, check=False)
+    if check and completed.returncode != 0:
+        pytest.fail(
+            f"ctxkv {' '.join(arguments)} exited {completed.returncode}: {completed.stderr}"
+        )
+    return completed
+
+
+def test_sizes_read_like_fio():
+    assert parse_size("4k") == 4096
+    assert parse_size("4M") == 4 * MIB
+    assert parse_size("1g") == 1 << 30
+    assert parse_size("4096") == 4096
+    assert format_size(4 * MIB) == "4M"
+    assert format_size(1280 * 1024) == "1280K"
+    with pytest.raises(ValueError, match="cannot read 'four'"):
+        parse_size("four")
+
+
+def test_fio_gets_the_same_job():
+    job = Job(
+        targets=("/dev/loop0", "/tmp/a:b"),
+        rw="randwrite",
+        block_bytes=4 * MIB,
+        iodepth=8,
+        numjobs=2,
+        size_bytes=64 * MIB,
+        runtime_s=3,
+        time_based=True,
+    )
+    arguments = fio_arguments(job)
+    for expected in [
+        "--filename=/dev/loop0:/tmp/a\\:b",
+        "--rw=randwrite",
+        "--bs=4M",
+        "--iodepth=8",
+        "--numjobs=2",
+        f"--size={64 * MIB}",
+        "--runtime=3s",
+        "--time_based=1",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--fixedbufs=1",
+        "--registerfiles=1",
+        "--output-format=json",
+    ]:
+        assert expected in arguments
+
+
+@pytest.mark.parametrize("rw", ["write", "read", "randread", "randwrite"])
+def test_json_output_follows_fio_schema(target_file, rw):
+    target = target_file(size_bytes=32 * MIB)
+    completed = ctxkv(
+        "bench",
+        "--rw",
+        rw,
+        "--bs",
+        "1M",
+        "--iodepth",
+        "4",
+        "--size",
+        "16M",
+        "--output-format",
+        "json",
+        target,
+    )
+    report = json.loads(completed.stdout)
+    [job] = report["jobs"]
+    direction = "read" if "read" in rw else "write"
+    other = "write" if direction == "read" else "read"
+    section = job[direction]
+    assert section["io_bytes"] == 16 * MIB and section["total_ios"] == 16
+    assert section["bw_bytes"] > 0 and section["iops"] > 0
+    percentiles = section["clat_ns"]["percentile"]
+    assert 0 < percentiles["50.000000"] <= percentiles["99.000000"] <= percentiles["99.900000"]
+    assert job[other]["io_bytes"] == 0
+    assert job["ctxkv"]["usr_cpu_ns_per_op"] >= 0
+    assert "SINGLE_ISSUER" in job["ctxkv"]["ring_setup_flags"]
+
+
+def test_numjobs_and_several_targets(loop_device, target_file):
+    targets = [loop_device(size_bytes=16 * MIB), target_file(size_bytes=16 * MIB)]
+    completed = ctxkv(
+        "bench",
+        "--rw",
+        "write",
+        "--bs",
+        "64k",
+        "--iodepth",
+        "2",
+        "--numjobs",
+        "2",
+        "--size",
+        "8M",
+        "--output-format",
+        "json",
+        *targets,
+    )
+    [job] = json.loads(completed.stdout)["jobs"]
+    # Each job writes its 8M, half on each target.
+    assert job["write"]["io_bytes"] == 2 * 8 * MIB
+
+
+def test_compare_fio_interleaves_and_reports_ratios(loop_device):
+    target = loop_device(size_bytes=32 * MIB)
+    completed = ctxkv(
+        "bench",
+        "--compare-fio",
+        "--rounds",
+        "2",
+        "--rw",
+        "read",
+        "--bs",
+        "1M",
+        "--iodepth",
+        "4",
+        "--size",
+        "16M",
+        "--output-format",
+        "json",
+        target,
+    )
+    report = json.loads(completed.stdout)
+    names = [job["jobname"] for job in report["jobs"]]
+    assert names == ["fio-round1", "ctxkv-round1", "fio-round2", "ctxkv-round2"]
+    for job in report["jobs"]:
+        assert job["read"]["io_bytes"] == 16 * MIB
+    ratio = report["comparison"]["ratio_ctxkv_over_fio"]["bw_bytes"]
+    median_fio = report["comparison"]["median_fio"]["bw_bytes"]
+    median_ctxkv = report["comparison"]["median_ctxkv"]["bw_bytes"]
+    assert ratio == pytest.approx(median_ctxkv / median_fio)
+    assert report["fio version"].startswith("fio-")
+
+
+def test_normal_output_prints_both_and_the_ratio(target_file):
+    target = target_file(size_bytes=16 * MIB)
+    completed = ctxkv(
+        "bench",
+        "--compare-fio",
+        "--rounds",
+        "1",
+        "--rw",
+        "write",
+        "--bs",
+        "1M",
+        "--size",
+        "8M",
+        target,
+    )
+    assert "round 1 fio" in completed.stdout and "round 1 ctxkv" in completed.stdout
+    assert re.search(r"ctxkv/fio \(medians\): bandwidth \d+\.\d+", completed.stdout)
+
+
+def test_io_uring_enter_does_the_data_io(target_file):
+    target = target_file(size_bytes=32 * MIB)
+    trace = os.path.join(os.path.dirname(target), "strace.out")
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-o",
+            trace,
+            "-e",
+            "trace=openat,close,read,write,pread64,pwrite64,preadv,"
+            "pwritev,preadv2,pwritev2,io_uring_enter",
+            *CTXKV,
+            "bench",
+            "--rw",
+            "read",
+            "--bs",
+            "1M",
+            "--iodepth",
+            "4",
+            "--size",
+            "16M",
+            target,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with open(trace) as file:
+        lines = file.read().splitlines()
+    # With -f, a call interrupted by another thread's is split into "<unfinished ...>" and
+    # "<... resumed>" lines, so the fd may be on the line after the openat.
+    [opened] = [
+        i
+        for i, line in enumerate(lines)
+        if "openat(" in line and target in line and "O_DIRECT" in line
+    ]
+    fd = next(
+        match.group(1)
+        for line in lines[opened:]
+        if (match := re.search(r"(?:O_CLOEXEC\)|openat resumed>.*\)) += (\d+)$", line))
+    )
+    closed = next(
+        i for i, line in enumerate(lines) if i > opened and re.search(rf"close\({fd}\b", line)
+    )
+    while_open = lines[opened + 1 : closed]
+    on_target = [line for line in while_open if re.search(rf"\b(p?read|p?write)\w*\({fd},", line)]
+    assert on_target == [], on_target[:5]
+    enters = [line for line in lines if "io_uring_enter(" in line]
+    # 16 reads of 1 MiB at depth 4: a handful of batched enters, not one per byte moved.
+    assert 4 <= len(enters) <= 64, len(enters)
+
+
+def test_missing_target_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "nope.img")
+    completed = ctxkv("bench", "--size", "4M", missing, check=False)
+    assert completed.returncode == 1
+    assert missing in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_mounted_device_is_refused(loop_device, mount_fs, tool):
+    device = loop_device(size_bytes=64 * MIB)
+    tool("mkfs.ext4", "-q", "-F", device)
+    mount_point = mount_fs(device)
+    completed = ctxkv("bench", "--rw", "write", "--size", "4M", device, check=False)
+    assert completed.returncode == 1
+    assert mount_point in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_bad_job_is_a_clear_error(target_file):
+    target = target_file(size_bytes=4 * MIB)
+    completed = ctxkv("bench", "--size", "64M", target, check=False)
+    assert completed.returncode == 1 and "holds 4194304" in completed.stderr
+    completed = ctxkv("bench", "--iodepth", "0", target, check=False)
+    assert completed.returncode == 1 and "iodepth must be in 1..4096" in completed.stderr
