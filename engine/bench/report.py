@@ -48,7 +48,9 @@ def describe_run(job: Job, result: RunResult, label: str) -> str:
         f"  cpu: usr={result.usr_cpu_pct:.2f}%, sys={result.sys_cpu_pct:.2f}%; per I/O: "
         f"usr={result.usr_cpu_ns_per_op * us:.1f}us, sys={result.sys_cpu_ns_per_op * us:.1f}us",
     ]
-    if result.engine == "ctxkv":
+    if result.engine == "fio":
+        lines.append(f"  buffers: mem={result.extra['fio_mem']}")
+    else:
         extra = result.extra
         lines.append(
             f"  io_uring: {'|'.join(extra['ring_setup_flags']) or 'no setup flags'}, fixed buffers "
@@ -83,6 +85,12 @@ def describe_comparison(comparison: Comparison) -> str:
     lines.append(row("median", "fio", summary["median_fio"]))
     lines.append(row("median", "ctxkv", summary["median_ctxkv"]))
     ratio = summary["ratio_ctxkv_over_fio"]
+    if any(run.extra["fio_mem"] == "malloc" for run in comparison.fio):
+        lines.append(
+            "note: fio ran on 4 KiB-page buffers (too few free hugetlb pages), ctxkv on 2 MiB "
+            "pages: not like for like. Reserve some (`echo 64 > /proc/sys/vm/nr_hugepages`) "
+            "and fio uses mem=shmhuge."
+        )
     lines.append(
         f"ctxkv/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, "
         f"p50 latency {ratio['clat_ns_p50']:.3f}, p99 {ratio['clat_ns_p99']:.3f}, "
