@@ -35,7 +35,7 @@ HUGEPAGES = 64  # 128 MiB: fio's or ctxkv's buffers at 4 MiB x QD8, with room to
 JOBS = [
     ("4M read QD8", "read", 8, "bw_bytes"),
     ("4M write QD8", "write", 8, "bw_bytes"),
-    ("4M read QD1", "read", 1, "clat_ns_p50"),
+    ("4M read QD1", "read", 1, "lat_ns_p50"),
 ]
 
 
@@ -121,8 +121,8 @@ def main() -> int:
         usr_ctxkv = entry["comparison"]["median_ctxkv"]["usr_cpu_ns_per_op"] / 1e3
         usr_fio = entry["comparison"]["median_fio"]["usr_cpu_ns_per_op"] / 1e3
         print(
-            f"{name:<28} {ratio['bw_bytes']:9.3f} {ratio['clat_ns_p50']:7.3f} "
-            f"{ratio['clat_ns_p99']:7.3f} {ratio['clat_ns_p99.9']:7.3f} {usr_ctxkv:15.1f} "
+            f"{name:<28} {ratio['bw_bytes']:9.3f} {ratio['lat_ns_p50']:7.3f} "
+            f"{ratio['lat_ns_p99']:7.3f} {ratio['lat_ns_p99.9']:7.3f} {usr_ctxkv:15.1f} "
             f"{usr_fio:6.1f}"
         )
     RESULTS.parent.mkdir(exist_ok=True)

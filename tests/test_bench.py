@@ -61,6 +61,7 @@ def test_fio_gets_the_same_job():
         "--direct=1",
         "--fixedbufs=1",
         "--registerfiles=1",
+        "--lat_percentiles=1",
         "--output-format=json",
     ]:
         assert expected in arguments
@@ -90,7 +91,8 @@ def test_json_output_follows_fio_schema(target_file, rw):
     section = job[direction]
     assert section["io_bytes"] == 16 * MIB and section["total_ios"] == 16
     assert section["bw_bytes"] > 0 and section["iops"] > 0
-    percentiles = section["clat_ns"]["percentile"]
+    assert section["clat_ns"] == section["lat_ns"]
+    percentiles = section["lat_ns"]["percentile"]
     assert 0 < percentiles["50.000000"] <= percentiles["99.000000"] <= percentiles["99.900000"]
     assert job[other]["io_bytes"] == 0
     assert job["ctxkv"]["usr_cpu_ns_per_op"] >= 0

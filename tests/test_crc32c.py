@@ -2,9 +2,10 @@
 SSE4.2 and portable forms, for every length, alignment and starting value."""
 
 import crc32c
-from engine._native import ffi, lib
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from engine._native import ffi, lib
 
 
 def native(function, data: bytes, start: int = 0, crc: int = 0) -> int:

@@ -17,9 +17,9 @@ from engine.bench.result import RunResult
 METRICS: dict[str, tuple[Callable[[RunResult], float], bool]] = {
     "bw_bytes": (lambda r: r.bw_bytes, True),
     "iops": (lambda r: r.iops, True),
-    "clat_ns_p50": (lambda r: r.clat_ns_percentile[50.0], False),
-    "clat_ns_p99": (lambda r: r.clat_ns_percentile[99.0], False),
-    "clat_ns_p99.9": (lambda r: r.clat_ns_percentile[99.9], False),
+    "lat_ns_p50": (lambda r: r.lat_ns_percentile[50.0], False),
+    "lat_ns_p99": (lambda r: r.lat_ns_percentile[99.0], False),
+    "lat_ns_p99.9": (lambda r: r.lat_ns_percentile[99.9], False),
     "usr_cpu_ns_per_op": (lambda r: r.usr_cpu_ns_per_op, False),
     "sys_cpu_ns_per_op": (lambda r: r.sys_cpu_ns_per_op, False),
 }

@@ -50,6 +50,7 @@ def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
         "--fixedbufs=1",
         "--registerfiles=1",
         "--group_reporting=1",
+        "--lat_percentiles=1",
         "--output-format=json",
     ]
     if hugepages:

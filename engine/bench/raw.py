@@ -25,7 +25,7 @@ PROGRESS_INTERVAL_S = 0.5
 
 @dataclass
 class _ThreadOutcome:
-    clat_ns: np.ndarray
+    lat_ns: np.ndarray
     io_bytes: int
     start_ns: int
     end_ns: int
@@ -114,7 +114,7 @@ def _run_one_job(
             usr_after, sys_after = _thread_cpu_ns()
             outcome.append(
                 _ThreadOutcome(
-                    clat_ns=np.concatenate(latencies),
+                    lat_ns=np.concatenate(latencies),
                     io_bytes=io_bytes,
                     start_ns=start_ns,
                     end_ns=end_ns,
@@ -195,7 +195,7 @@ def run_raw(job: Job, on_progress: ProgressCallback | None = None) -> RunResult:
             direction=job.direction,
             io_bytes=sum(o.io_bytes for o in outcomes),
             runtime_ns=max(o.end_ns for o in outcomes) - min(o.start_ns for o in outcomes),
-            clat_ns=np.concatenate([o.clat_ns for o in outcomes]),
+            lat_ns=np.concatenate([o.lat_ns for o in outcomes]),
             usr_cpu_ns=sum(o.usr_cpu_ns for o in outcomes),
             sys_cpu_ns=sum(o.sys_cpu_ns for o in outcomes),
             extra={

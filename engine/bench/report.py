@@ -34,7 +34,7 @@ def describe_run(job: Job, result: RunResult, label: str) -> str:
     """fio's normal output, in short."""
     us = 1e-3
     percentiles = ", ".join(
-        f"p{p:g}={v * us:.0f}" for p, v in sorted(result.clat_ns_percentile.items())
+        f"p{p:g}={v * us:.0f}" for p, v in sorted(result.lat_ns_percentile.items())
     )
     lines = [
         f"{label}: rw={job.rw}, bs={format_size(job.block_bytes)}, iodepth={job.iodepth}, "
@@ -42,9 +42,9 @@ def describe_run(job: Job, result: RunResult, label: str) -> str:
         f"  {result.direction}: IOPS={result.iops:.1f}, BW={result.bw_bytes / MiB:.0f}MiB/s "
         f"({result.bw_bytes / 1e6:.0f}MB/s)({result.io_bytes / MiB:.0f}MiB/"
         f"{result.runtime_ns / 1e6:.0f}msec)",
-        f"    clat (usec): min={result.clat_ns_min * us:.0f}, max={result.clat_ns_max * us:.0f}, "
-        f"avg={result.clat_ns_mean * us:.1f}",
-        f"    clat percentiles (usec): {percentiles}",
+        f"    lat (usec): min={result.lat_ns_min * us:.0f}, max={result.lat_ns_max * us:.0f}, "
+        f"avg={result.lat_ns_mean * us:.1f}",
+        f"    lat percentiles (usec): {percentiles}",
         f"  cpu: usr={result.usr_cpu_pct:.2f}%, sys={result.sys_cpu_pct:.2f}%; per I/O: "
         f"usr={result.usr_cpu_ns_per_op * us:.1f}us, sys={result.sys_cpu_ns_per_op * us:.1f}us",
     ]
@@ -69,8 +69,8 @@ def describe_comparison(comparison: Comparison) -> str:
     def row(label: str, engine: str, values: dict[str, float]) -> str:
         return (
             f"{label:>6} {engine:>7} {values['bw_bytes'] / MiB:9.1f} {values['iops']:9.1f} "
-            f"{values['clat_ns_p50'] / 1e3:9.0f} {values['clat_ns_p99'] / 1e3:9.0f} "
-            f"{values['clat_ns_p99.9'] / 1e3:9.0f} {values['usr_cpu_ns_per_op'] / 1e3:10.1f}"
+            f"{values['lat_ns_p50'] / 1e3:9.0f} {values['lat_ns_p99'] / 1e3:9.0f} "
+            f"{values['lat_ns_p99.9'] / 1e3:9.0f} {values['usr_cpu_ns_per_op'] / 1e3:10.1f}"
         )
 
     lines = [header]
@@ -93,8 +93,8 @@ def describe_comparison(comparison: Comparison) -> str:
         )
     lines.append(
         f"ctxkv/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, "
-        f"p50 latency {ratio['clat_ns_p50']:.3f}, p99 {ratio['clat_ns_p99']:.3f}, "
-        f"p99.9 {ratio['clat_ns_p99.9']:.3f}, usr CPU per I/O {ratio['usr_cpu_ns_per_op']:.2f}"
+        f"p50 latency {ratio['lat_ns_p50']:.3f}, p99 {ratio['lat_ns_p99']:.3f}, "
+        f"p99.9 {ratio['lat_ns_p99.9']:.3f}, usr CPU per I/O {ratio['usr_cpu_ns_per_op']:.2f}"
     )
     return "\n".join(lines)
 
