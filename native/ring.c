@@ -74,6 +74,13 @@ void ctxkv_ring_free(struct ctxkv_ring *ring)
 {
     if (!ring)
         return;
+    /* Ring teardown is asynchronous in the kernel and would hold the registered files
+     * open a while longer, so an immediate O_EXCL reopen of a device would fail with
+     * EBUSY. Unregistering first drops those references before we return. */
+    if (ring->nfiles)
+        io_uring_unregister_files(&ring->uring);
+    if (ring->nbuffers)
+        io_uring_unregister_buffers(&ring->uring);
     io_uring_queue_exit(&ring->uring);
     free(ring);
 }

@@ -1,7 +1,10 @@
 """The native CRC32C must agree bit for bit with the `crc32c` package, in both its
 SSE4.2 and portable forms, for every length, alignment and starting value."""
 
+import random
+
 import crc32c
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,3 +55,12 @@ def test_detects_a_single_bit_flip():
     before = lib.ctxkv_crc32c(0, bytes(data), len(data))
     data[1234] ^= 0x10
     assert lib.ctxkv_crc32c(0, bytes(data), len(data)) != before
+
+
+@pytest.mark.parametrize("nbytes", [24575, 24576, 24577, 3 * 8192 * 5 + 7, (4 << 20) + 4])
+@pytest.mark.parametrize("start", [0, 3])
+def test_three_stream_path_around_its_block_boundaries(nbytes: int, start: int):
+    # 3 x 8 KiB is where the interleaved SSE4.2 path takes over from the single stream.
+    data = random.Random(nbytes).randbytes(nbytes + start)
+    expected = crc32c.crc32c(data[start:], 0xABCDEF)
+    assert native(lib.ctxkv_crc32c, data, start, 0xABCDEF) == expected

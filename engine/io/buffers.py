@@ -144,21 +144,29 @@ class BufferPool:
 
     def lease(self, timeout: float | None = 0.0) -> Lease:
         """A free buffer. Waits up to timeout seconds (None: forever) for one to come back."""
+        [lease] = self.lease_many(1, timeout)
+        return lease
+
+    def lease_many(self, count: int, timeout: float | None = 0.0) -> list[Lease]:
+        """count buffers taken at once, never some now and some later: a caller that held
+        part of what it needs while waiting for the rest could deadlock with another."""
+        if not 0 < count <= self.count:
+            raise ValueError(f"cannot lease {count} buffers from a pool of {self.count}")
         with self._available:
             if self._closed:
                 raise CtxkvError("the buffer pool is closed")
-            if not self._available.wait_for(lambda: self._free, timeout=timeout):
+            if not self._available.wait_for(lambda: len(self._free) >= count, timeout=timeout):
                 raise PoolExhaustedError(
-                    f"all {self.count} buffers of {self.buffer_bytes} bytes are leased; "
-                    f"release some or size the pool larger"
+                    f"{count} of {self.count} buffers of {self.buffer_bytes} bytes wanted, "
+                    f"{len(self._free)} free; release some or size the pool larger"
                 )
-            return Lease(self, self._free.pop())
+            return [Lease(self, self._free.pop()) for _ in range(count)]
 
     def _give_back(self, index: int) -> None:
         with self._available:
             assert index not in self._free, f"buffer {index} released twice"
             self._free.append(index)
-            self._available.notify()
+            self._available.notify_all()  # waiters may want several buffers each
 
     def close(self) -> None:
         with self._available:
@@ -189,3 +197,14 @@ class BufferPool:
             f"BufferPool(buffer_bytes={self.buffer_bytes}, count={self.count}, "
             f"backing={self.backing!r}, leased={self.leased})"
         )
+
+
+def aligned_array(nbytes: int) -> np.ndarray:
+    """A zeroed, page-aligned uint8 array outside the pool, for metadata I/O (superblocks,
+    journal blocks, checkpoints) that must never wait for a pool buffer."""
+    assert nbytes > 0 and nbytes % PAGE_BYTES == 0, nbytes
+    raw = np.zeros(nbytes + PAGE_BYTES, dtype=np.uint8)
+    start = (-raw.ctypes.data) % PAGE_BYTES
+    array = raw[start : start + nbytes]
+    assert array.ctypes.data % PAGE_BYTES == 0
+    return array
