@@ -13,10 +13,13 @@ from engine.errors import (
     ShortTransferError,
     UnsupportedTargetError,
 )
+from engine.store.store import RELAXED, STRICT, Store, ValueLease
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RELAXED",
+    "STRICT",
     "AlignmentError",
     "CtxkvError",
     "DeviceBusyError",
@@ -27,5 +30,7 @@ __all__ = [
     "PoolExhaustedError",
     "ReadOnlyDeviceError",
     "ShortTransferError",
+    "Store",
     "UnsupportedTargetError",
+    "ValueLease",
 ]

@@ -1,0 +1,218 @@
+"""The journal: group-committed records in a ring of 4096-byte blocks on member 0.
+
+Callers hand commit() their records and an `apply` step. Whoever finds no commit in
+flight becomes the leader: it takes every record queued so far, writes them as fresh
+blocks (a block holding acknowledged records is never rewritten), flushes, then runs the
+batch's apply steps in order and wakes the followers. So N concurrent puts cost one
+journal write and one flush, and the in-memory state always equals the journal up to
+`next_sequence` whenever no leader is in flight, which is what a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import CtxkvError
+from engine.io.buffers import aligned_array
+from engine.io.ring import UNREGISTERED_BUFFER, Op, Ring
+from engine.store.layout import (
+    BLOCK_BYTES,
+    JOURNAL_PAYLOAD_BYTES,
+    Record,
+    pack_journal_block,
+    unpack_journal_block,
+)
+
+# One journal write moves at most this many blocks; a larger batch takes several.
+WRITE_CHUNK_BLOCKS = 64
+REPLAY_CHUNK_BLOCKS = 256
+
+RunIos = Callable[[np.ndarray], np.ndarray]
+
+
+class JournalFailedError(CtxkvError, OSError):
+    """A journal write failed; nothing after it can be acknowledged until reopen."""
+
+
+def pack_blocks(records: list[Record], first_sequence: int, tag: bytes) -> list[bytes]:
+    """Records packed greedily into blocks; a record never spans two blocks."""
+    blocks: list[bytes] = []
+    pending: list[bytes] = []
+    used = 0
+    for record in records:
+        packed = record.pack()
+        assert len(packed) <= JOURNAL_PAYLOAD_BYTES
+        if used + len(packed) > JOURNAL_PAYLOAD_BYTES:
+            blocks.append(pack_journal_block(first_sequence + len(blocks), tag, pending))
+            pending, used = [], 0
+        pending.append(packed)
+        used += len(packed)
+    if pending:
+        blocks.append(pack_journal_block(first_sequence + len(blocks), tag, pending))
+    return blocks
+
+
+@dataclass
+class _Waiter:
+    records: list[Record]
+    apply: Callable[[], None]
+    done: bool = False
+    error: BaseException | None = None
+
+
+class Journal:
+    def __init__(
+        self,
+        run_ios: RunIos,
+        *,
+        offset: int,
+        nbytes: int,
+        tag: bytes,
+        next_sequence: int,
+        first_live_sequence: int,
+        make_room: Callable[[], None],
+        flush: bool = True,
+    ):
+        """flush=False leaves blocks in the device's volatile cache (relaxed durability:
+        the store flushes on a timer instead)."""
+        assert offset % BLOCK_BYTES == 0 and nbytes % BLOCK_BYTES == 0 and nbytes > 0
+        assert first_live_sequence <= next_sequence
+        self._run_ios = run_ios
+        self.offset = offset
+        self.block_count = nbytes // BLOCK_BYTES
+        self.tag = tag
+        self.next_sequence = next_sequence
+        self.first_live_sequence = first_live_sequence
+        self._make_room = make_room
+        self._flush = flush
+        self._buffer = aligned_array(WRITE_CHUNK_BLOCKS * BLOCK_BYTES)
+        self._condition = threading.Condition()
+        self._queue: list[_Waiter] = []
+        self._leader_active = False
+        self._failure: BaseException | None = None
+        self.blocks_written = 0
+        self.commits = 0
+
+    @property
+    def live_blocks(self) -> int:
+        return self.next_sequence - self.first_live_sequence
+
+    def position(self, sequence: int) -> int:
+        """Byte offset of the block with this sequence number."""
+        return self.offset + ((sequence - 1) % self.block_count) * BLOCK_BYTES
+
+    def commit(self, records: list[Record], apply: Callable[[], None]) -> None:
+        """Returns once records are durable and apply() has run; raises if they are not."""
+        waiter = _Waiter(records, apply)
+        with self._condition:
+            self._check_healthy()
+            self._queue.append(waiter)
+            while not waiter.done:
+                if self._leader_active:
+                    self._condition.wait()
+                    continue
+                self._leader_active = True
+                batch, self._queue = self._queue, []
+                self._condition.release()
+                try:
+                    self._lead(batch)
+                finally:
+                    self._condition.acquire()
+                    self._leader_active = False
+                    self._condition.notify_all()
+        if waiter.error is not None:
+            raise waiter.error
+
+    def _lead(self, batch: list[_Waiter]) -> None:
+        records = [record for waiter in batch for record in waiter.records]
+        try:
+            blocks = pack_blocks(records, 1, self.tag)  # sequences assigned below
+            if self.live_blocks + len(blocks) > self.block_count // 2:
+                self._make_room()
+            assert self.live_blocks + len(blocks) <= self.block_count, "journal overrun"
+            blocks = pack_blocks(records, self.next_sequence, self.tag)
+            self._write(blocks, self.next_sequence)
+            self.next_sequence += len(blocks)
+            self.blocks_written += len(blocks)
+            self.commits += 1
+        except BaseException as error:
+            failure = JournalFailedError(f"journal write failed, reopen the store: {error}")
+            failure.__cause__ = error
+            with self._condition:
+                self._failure = failure
+            for waiter in batch:
+                waiter.error, waiter.done = failure, True
+            return
+        for waiter in batch:
+            waiter.apply()
+            waiter.done = True
+
+    def _write(self, blocks: list[bytes], first_sequence: int) -> None:
+        for start in range(0, len(blocks), WRITE_CHUNK_BLOCKS):
+            chunk = blocks[start : start + WRITE_CHUNK_BLOCKS]
+            ios = []
+            for i, block in enumerate(chunk):
+                self._buffer[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES] = np.frombuffer(
+                    block, np.uint8
+                )
+            # Contiguous runs of positions; a run breaks where the ring wraps.
+            run_start = 0
+            for i in range(1, len(chunk) + 1):
+                sequence = first_sequence + start + i
+                if (
+                    i == len(chunk)
+                    or self.position(sequence) != self.position(sequence - 1) + BLOCK_BYTES
+                ):
+                    ios.append(
+                        (
+                            self.position(first_sequence + start + run_start),
+                            self._buffer.ctypes.data + run_start * BLOCK_BYTES,
+                            (i - run_start) * BLOCK_BYTES,
+                            UNREGISTERED_BUFFER,
+                            0,
+                            Op.WRITE,
+                        )
+                    )
+                    run_start = i
+            batch = Ring.batch(len(ios))
+            batch[:] = ios
+            self._run_ios(batch)
+        if self._flush:
+            flush = Ring.batch(1)
+            flush[0] = (0, 0, 0, UNREGISTERED_BUFFER, 0, Op.FSYNC)
+            self._run_ios(flush)
+
+    def _check_healthy(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
+def replay(
+    run_ios: RunIos, *, offset: int, nbytes: int, tag: bytes, start_sequence: int
+) -> Iterator[tuple[int, list[Record]]]:
+    """(sequence, records) of every valid block from start_sequence on, in order,
+    stopping at the first torn, stale or unwritten block. At most one lap."""
+    block_count = nbytes // BLOCK_BYTES
+    buffer = aligned_array(REPLAY_CHUNK_BLOCKS * BLOCK_BYTES)
+    sequence = start_sequence
+    while sequence < start_sequence + block_count:
+        position = (sequence - 1) % block_count
+        blocks = min(
+            REPLAY_CHUNK_BLOCKS, block_count - position, start_sequence + block_count - sequence
+        )
+        ios = Ring.batch(1)
+        ios[0] = (offset + position * BLOCK_BYTES, buffer.ctypes.data, blocks * BLOCK_BYTES,
+                  UNREGISTERED_BUFFER, 0, Op.READ)  # fmt: skip
+        run_ios(ios)
+        for i in range(blocks):
+            records = unpack_journal_block(
+                buffer[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES].tobytes(), sequence, tag
+            )
+            if records is None:
+                return
+            yield sequence, records
+            sequence += 1

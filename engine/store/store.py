@@ -1,0 +1,926 @@
+"""The Store: a persistent KV-cache store over one or many raw targets (docs/format.md).
+
+A put writes each part of the value as one slot (header + payload) on a different
+member, in parallel; flushes those members; then group-commits a PUT record to the
+journal and only then makes the key visible. A get reads every part in parallel and
+verifies header and payload checksums before returning a byte: any mismatch is a miss.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+
+import numpy as np
+
+from engine._native import ffi, lib
+from engine.alloc.log import Eviction
+from engine.errors import CtxkvError
+from engine.index import key_digest, key_digests
+from engine.io.buffers import BufferPool, Lease, aligned_array
+from engine.io.ring import UNREGISTERED_BUFFER, Op, Ring
+from engine.journal.journal import Journal, replay
+from engine.nvme.device import Device
+from engine.store.format import (
+    TargetInUseError,
+    existing_contents,
+    plan_layout,
+    round_up,
+    write_fresh_store,
+)
+from engine.store.layout import (
+    BLOCK_BYTES,
+    DEFAULT_EXTENT_BYTES,
+    EXTENT_HEADER_BYTES,
+    MAX_KEY_BYTES,
+    RECORD_DELETE,
+    RECORD_EVICT,
+    RECORD_PIN,
+    RECORD_PUT,
+    RECORD_UNPIN,
+    CheckpointHeader,
+    ExtentHeader,
+    LayoutError,
+    Record,
+    Superblock,
+    crc32c,
+    store_tag,
+)
+from engine.store.recovery import Damage, newest_checkpoint, read_superblocks
+from engine.store.state import MAX_VALUE_PARTS, Located, Part, StoreState
+
+# The pool is sized in bytes by default, so small extents get many buffers and large ones
+# do not pin gigabytes: 256 MiB is 63 buffers of 4 MiB extents, 255 of 64 KiB ones.
+DEFAULT_POOL_BYTES = 256 << 20
+MIN_POOL_BUFFERS = 8
+
+# Durability modes. strict: put returns once its extents and its journal record are on
+# stable media (two device flushes). relaxed: put returns once both are written, and a
+# flusher makes everything stable every flush_interval_ms, so a power loss forgets at
+# most that window of puts (a kill -9 forgets nothing: the writes are in the kernel).
+# Either way a read verifies checksums, so a lost write is a miss, never wrong bytes.
+STRICT, RELAXED = "strict", "relaxed"
+DEFAULT_FLUSH_INTERVAL_MS = 100
+
+
+class ValueTooLargeError(CtxkvError, ValueError):
+    """The value needs more extents than a value may span, or than the pool holds."""
+
+
+class ValueLease:
+    """A value read into pool buffers, lent without a copy until release()."""
+
+    def __init__(self, leases: list[Lease], part_bytes: list[int]):
+        self._leases = leases
+        self.part_bytes = part_bytes
+        self.nbytes = sum(part_bytes)
+
+    @property
+    def views(self) -> list[memoryview]:
+        """The value's bytes, one view per extent (payloads, headers excluded)."""
+        return [
+            lease.memoryview[EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + nbytes]
+            for lease, nbytes in zip(self._leases, self.part_bytes, strict=True)
+        ]
+
+    @property
+    def memoryview(self) -> memoryview:
+        """The whole value as one view; only for values of one extent (see views)."""
+        if len(self._leases) != 1:
+            raise CtxkvError(f"the value spans {len(self._leases)} extents: use .views")
+        return self.views[0]
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.memoryview, dtype=np.uint8)
+
+    def release(self) -> None:
+        for lease in self._leases:
+            lease.release()
+        self._leases = []
+
+    def __enter__(self) -> ValueLease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Store:
+    """Use Store.format(...) or Store.open(...); both return an open store."""
+
+    def __init__(
+        self,
+        devices: list[Device],
+        superblocks: list[Superblock],
+        damage: list[Damage],
+        *,
+        pool_buffers: int | None,
+        durability: str = STRICT,
+        flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
+    ):
+        if durability not in (STRICT, RELAXED):
+            raise ValueError(f"durability is {STRICT!r} or {RELAXED!r}, got {durability!r}")
+        if flush_interval_ms <= 0:
+            raise ValueError(f"flush_interval_ms must be positive, got {flush_interval_ms}")
+        self.durability = durability
+        self._devices = devices
+        self._superblocks = superblocks
+        self.store_uuid: uuid.UUID = superblocks[0].store_uuid
+        self.extent_bytes = superblocks[0].extent_bytes
+        self.slot_bytes = self.extent_bytes + EXTENT_HEADER_BYTES
+        self.damage = damage
+        if pool_buffers is None:
+            pool_buffers = max(
+                MIN_POOL_BUFFERS, min(MAX_VALUE_PARTS, DEFAULT_POOL_BYTES // self.slot_bytes)
+            )
+        self._pool = BufferPool(self.slot_bytes, pool_buffers)
+        self._local = threading.local()
+        self._rings: list[Ring] = []
+        self._rings_lock = threading.Lock()
+        self._lock = threading.Lock()  # state, allocation, sequence numbers
+        self._closed = False
+        self._member_cursor = 0
+        self._counters = dict.fromkeys(
+            ("puts", "gets", "hits", "misses", "deletes", "corrupt_reads", "raced_reads",
+             "checkpoints", "bytes_put", "bytes_got", "flush_errors"), 0)  # fmt: skip
+        try:
+            self._recover()
+        except BaseException:
+            # The caller closes the devices; the rings and the pool are ours to release.
+            self._release_memory()
+            raise
+        self._stop_flusher = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if durability == RELAXED:
+            self._flusher = threading.Thread(
+                target=self._flush_periodically, args=(flush_interval_ms / 1000,),
+                name="ctxkv-flusher", daemon=True,
+            )  # fmt: skip
+            self._flusher.start()
+
+    def _flush_periodically(self, interval_s: float) -> None:
+        while not self._stop_flusher.wait(interval_s):
+            try:
+                self._flush(range(len(self._devices)))
+            except OSError:
+                # A device that cannot flush also fails the next put; keep trying.
+                with self._lock:
+                    self._counters["flush_errors"] += 1
+
+    # ---- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    def format(
+        cls,
+        targets: Sequence[str | os.PathLike],
+        *,
+        extent_size: int = DEFAULT_EXTENT_BYTES,
+        force: bool = False,
+        journal_bytes: int | None = None,
+        pool_buffers: int | None = None,
+        durability: str = STRICT,
+        flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
+    ) -> Store:
+        """Makes a new, empty store over targets (in member order) and opens it.
+
+        Refuses targets that hold a filesystem, partition table or store unless force;
+        a mounted target is always refused. durability: see STRICT and RELAXED."""
+        devices = cls._open_devices(targets)
+        try:
+            if not force:
+                for device in devices:
+                    found = existing_contents(device)
+                    if found:
+                        raise TargetInUseError(
+                            f"{device.path} holds {', '.join(found)}; format would destroy it "
+                            f"(use force to overwrite)"
+                        )
+            superblocks = plan_layout(
+                [d.geometry.capacity_bytes for d in devices],
+                extent_size,
+                journal_bytes=journal_bytes,
+            )
+            write_fresh_store(devices, superblocks)
+        except BaseException:
+            for device in devices:
+                device.close()
+            raise
+        return cls(devices, superblocks, [], pool_buffers=pool_buffers, durability=durability,
+                   flush_interval_ms=flush_interval_ms)  # fmt: skip
+
+    @classmethod
+    def open(
+        cls,
+        targets: Sequence[str | os.PathLike],
+        *,
+        pool_buffers: int | None = None,
+        durability: str = STRICT,
+        flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
+    ) -> Store:
+        """Opens an existing store; targets in member order. Recovers after a crash."""
+        devices = cls._open_devices(targets)
+        try:
+            with Ring(devices) as ring:
+                superblocks, damage = read_superblocks(devices, lambda ios: ring.run(ios, depth=8))
+            return cls(devices, superblocks, damage, pool_buffers=pool_buffers,
+                       durability=durability, flush_interval_ms=flush_interval_ms)  # fmt: skip
+        except BaseException:
+            for device in devices:
+                device.close()
+            raise
+
+    @staticmethod
+    def _open_devices(targets: Sequence[str | os.PathLike]) -> list[Device]:
+        if not targets:
+            raise ValueError("a store needs at least one target")
+        devices: list[Device] = []
+        try:
+            for target in targets:
+                devices.append(Device.open(target))
+        except BaseException:
+            for device in devices:
+                device.close()
+            raise
+        return devices
+
+    def _recover(self) -> None:
+        """Newest valid checkpoint, then the journal after it; then a fresh checkpoint."""
+        first = self._superblocks[0]
+        checkpoint, damage = newest_checkpoint(self._run, first)
+        self.damage.extend(damage)
+        self._checkpoint_slot = checkpoint.slot
+        self._checkpoint_generation = checkpoint.header.generation
+        self._state = StoreState(
+            [sb.slot_count for sb in self._superblocks], checkpoint.header.log_heads
+        )
+        self._state.load_checkpoint_entries(checkpoint.entries)
+        self._next_sequence = checkpoint.header.next_sequence
+        tag = store_tag(self.store_uuid)
+        last_block = checkpoint.header.journal_sequence - 1
+        self.replayed_records = 0
+        for block_sequence, records in replay(
+            self._run, offset=first.journal_offset, nbytes=first.journal_bytes, tag=tag,
+            start_sequence=checkpoint.header.journal_sequence,
+        ):  # fmt: skip
+            for record in records:
+                self._state.apply_record(record)
+                self._next_sequence = max(self._next_sequence, record.sequence + 1)
+                for member, slot in record.parts if record.kind == RECORD_PUT else ():
+                    log = self._state.logs[member]
+                    log.head = (slot + 1) % log.slot_count
+                self.replayed_records += 1
+            last_block = block_sequence
+        block_count = first.journal_bytes // BLOCK_BYTES
+        # Skip a whole lap: blocks of a torn batch may lie beyond the tail, valid but never
+        # acknowledged, and must never match an expected sequence number (docs/format.md).
+        next_block = (
+            last_block
+            + 1
+            + (block_count if last_block >= checkpoint.header.journal_sequence else 0)
+        )
+        self._journal = Journal(
+            self._run, offset=first.journal_offset, nbytes=first.journal_bytes, tag=tag,
+            next_sequence=next_block, first_live_sequence=next_block,
+            make_room=self._checkpoint_locked, flush=self.durability == STRICT,
+        )  # fmt: skip
+        if next_block != checkpoint.header.journal_sequence:
+            with self._lock:
+                self._write_checkpoint()
+
+    def close(self) -> None:
+        """Checkpoints (so the next open replays nothing) and releases everything."""
+        if self._closed:
+            return
+        if self._flusher is not None:
+            self._stop_flusher.set()
+            self._flusher.join()
+        try:
+            self._flush(range(len(self._devices)))
+            if self._journal.live_blocks:
+                with self._lock:
+                    self._write_checkpoint()
+        finally:
+            self._closed = True
+            self._release_memory()
+            self._state.close()
+            for device in self._devices:
+                device.close()
+
+    def _release_memory(self) -> None:
+        with self._rings_lock:
+            for ring in self._rings:
+                ring.close()
+            self._rings.clear()
+        self._pool.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- I/O plumbing ----------------------------------------------------------------------
+
+    def _ring(self) -> Ring:
+        """This thread's ring: one per thread, so threads never contend for a ring."""
+        ring = getattr(self._local, "ring", None)
+        if ring is None:
+            if self._closed:
+                raise CtxkvError("the store is closed")
+            # Not SINGLE_ISSUER: close() frees every thread's ring from one thread, and
+            # the kernel refuses to unregister a single-issuer ring's files from another
+            # task, which would leave the devices held (EBUSY) until an async teardown.
+            ring = Ring(self._devices, self._pool, entries=256, single_issuer=False)
+            self._local.ring = ring
+            with self._rings_lock:
+                self._rings.append(ring)
+        return ring
+
+    def _run(self, ios: np.ndarray) -> np.ndarray:
+        return self._ring().run(ios, depth=max(1, min(len(ios), 64)))
+
+    def _slot_offset(self, part: Part) -> int:
+        member, slot = part
+        superblock = self._superblocks[member]
+        assert 0 <= slot < superblock.slot_count
+        return superblock.extent_area_offset + slot * self.slot_bytes
+
+    def _flush(self, members: Iterable[int]) -> None:
+        members = sorted(set(members))
+        ios = Ring.batch(len(members))
+        for i, member in enumerate(members):
+            ios[i] = (0, 0, 0, UNREGISTERED_BUFFER, member, Op.FSYNC)
+        self._run(ios)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Writes the index to the other checkpoint slot so the journal can be reused."""
+        with self._lock:
+            self._write_checkpoint()
+
+    def _checkpoint_locked(self) -> None:
+        with self._lock:
+            self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
+        assert self._lock.locked()
+        first = self._superblocks[0]
+        entries = self._state.checkpoint_entries()
+        entry_bytes = entries.nbytes
+        header = CheckpointHeader(
+            generation=self._checkpoint_generation + 1,
+            journal_sequence=self._journal.next_sequence,
+            next_sequence=self._next_sequence,
+            entry_count=len(entries),
+            entries_crc32c=crc32c(entries.tobytes()) if len(entries) else 0,
+            log_heads=tuple(log.head for log in self._state.logs),
+        )
+        total = BLOCK_BYTES + -(-entry_bytes // BLOCK_BYTES) * BLOCK_BYTES
+        assert total <= first.checkpoint_bytes
+        buffer = aligned_array(total)
+        buffer[:BLOCK_BYTES] = np.frombuffer(header.pack(), np.uint8)
+        buffer[BLOCK_BYTES : BLOCK_BYTES + entry_bytes] = entries.view(np.uint8)
+        slot = 1 - self._checkpoint_slot
+        ios = Ring.batch(1)
+        ios[0] = (
+            first.checkpoint_offsets[slot],
+            buffer.ctypes.data,
+            total,
+            UNREGISTERED_BUFFER,
+            0,
+            Op.WRITE,
+        )
+        self._run(ios)
+        self._flush([0])
+        self._checkpoint_slot = slot
+        self._checkpoint_generation = header.generation
+        self._journal.first_live_sequence = header.journal_sequence
+        self._counters["checkpoints"] += 1
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> None:
+        """Stores value under key; returns once data and journal record are durable."""
+        self.put_many([(key, value)])
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
+        """Stores several values with one parallel write, one flush and one journal commit
+        per pool-full of extents."""
+        chunk: list[tuple[bytes, memoryview]] = []
+        chunk_parts = 0
+        for key, value in items:
+            self._check_key(key)
+            view = memoryview(value).cast("B")
+            parts = self._part_count(len(view))
+            if chunk and chunk_parts + parts > self._pool.count:
+                self._put_chunk(chunk, chunk_parts)
+                chunk, chunk_parts = [], 0
+            chunk.append((key, view))
+            chunk_parts += parts
+        if chunk:
+            self._put_chunk(chunk, chunk_parts)
+
+    def _put_chunk(self, chunk: list[tuple[bytes, memoryview]], part_total: int) -> None:
+        all_leases = self._pool.lease_many(part_total, timeout=None)
+        try:
+            staged = []
+            leases = all_leases
+            for key, view in chunk:
+                value_leases = leases[: self._part_count(len(view))]
+                leases = leases[len(value_leases) :]
+                staged.append((key, value_leases, len(view)))
+                for part_index, lease in enumerate(value_leases):
+                    start = part_index * self.extent_bytes
+                    nbytes = min(self.extent_bytes, len(view) - start)
+                    payload = lease.memoryview[EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + nbytes]
+                    payload[:] = view[start : start + nbytes]
+            assert not leases
+            self._commit_staged(staged)
+        finally:
+            for lease in all_leases:
+                lease.release()
+
+    def reserve(self, nbytes: int) -> ValueLease:
+        """Pool buffers to fill with a value of nbytes, then hand to commit(): zero-copy put."""
+        leases = self._stage(nbytes)
+        part_bytes = [
+            min(self.extent_bytes, nbytes - i * self.extent_bytes) for i in range(len(leases))
+        ]
+        return ValueLease(leases, part_bytes)
+
+    def commit(self, key: bytes, lease: ValueLease) -> None:
+        """Stores the bytes written into a lease from reserve() under key; releases it."""
+        try:
+            self._check_key(key)
+            self._commit_staged([(key, lease._leases, lease.nbytes)])
+        finally:
+            lease.release()
+
+    def _part_count(self, nbytes: int) -> int:
+        """Extents a value of nbytes takes; ValueTooLargeError past what one put can hold."""
+        part_count = max(1, -(-nbytes // self.extent_bytes))
+        limit = min(MAX_VALUE_PARTS, self._pool.count)
+        if part_count > limit:
+            raise ValueTooLargeError(
+                f"a value of {nbytes} bytes needs {part_count} extents of {self.extent_bytes} "
+                f"bytes; at most {limit} fit (the lesser of extents per value and pool buffers)"
+            )
+        return part_count
+
+    def _stage(self, nbytes: int) -> list[Lease]:
+        if self._closed:
+            raise CtxkvError("the store is closed")
+        return self._pool.lease_many(self._part_count(nbytes), timeout=None)
+
+    def _check_key(self, key: bytes) -> None:
+        if not isinstance(key, bytes | bytearray):
+            raise TypeError(f"keys are bytes, got {type(key).__name__}")
+        if not 0 < len(key) <= MAX_KEY_BYTES:
+            raise ValueError(f"keys are 1..{MAX_KEY_BYTES} bytes, got {len(key)}")
+        if self._closed:
+            raise CtxkvError("the store is closed")
+
+    def _commit_staged(self, staged: list[tuple[bytes, list[Lease], int]]) -> None:
+        if not staged:
+            return
+        # Allocate and journal-plan under the lock; do the I/O outside it.
+        placements = []
+        records: list[Record] = []
+        with self._lock:
+            for key, leases, nbytes in staged:
+                digest = key_digest(bytes(key))
+                sequence = self._next_sequence
+                self._next_sequence += 1
+                parts = []
+                for _ in leases:
+                    member = self._member_cursor % len(self._devices)
+                    self._member_cursor += 1
+                    slot, eviction = self._state.logs[member].allocate(self._state.keep_on_lap)
+                    if eviction is not None:
+                        self._state.apply_evict(eviction)
+                        records.append(self._evict_record(eviction))
+                    parts.append((member, slot))
+                placements.append((key, digest, sequence, nbytes, leases, tuple(parts)))
+        try:
+            ios = Ring.batch(sum(len(p[4]) for p in placements))
+            row = 0
+            for key, digest, sequence, nbytes, leases, parts in placements:
+                for part_index, (lease, part) in enumerate(zip(leases, parts, strict=True)):
+                    payload_bytes = self._payload_bytes(nbytes, part_index)
+                    payload = lease.memoryview[
+                        EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + payload_bytes
+                    ]
+                    header = ExtentHeader(
+                        self.store_uuid, sequence, nbytes, payload_bytes,
+                        lib.ctxkv_crc32c(0, ffi.from_buffer(payload), payload_bytes),
+                        part_index, len(parts), digest, bytes(key),
+                    )  # fmt: skip
+                    lease.memoryview[:EXTENT_HEADER_BYTES] = header.pack()
+                    write_bytes = (
+                        EXTENT_HEADER_BYTES + -(-payload_bytes // BLOCK_BYTES) * BLOCK_BYTES
+                    )
+                    ios[row] = (
+                        self._slot_offset(part),
+                        lease.address,
+                        write_bytes,
+                        lease.index,
+                        part[0],
+                        Op.WRITE,
+                    )
+                    row += 1
+            self._run(ios)
+            if self.durability == STRICT:
+                self._flush(part[0] for p in placements for part in p[5])
+        except BaseException:
+            with self._lock:
+                for *_, parts in placements:
+                    for member, slot in parts:
+                        self._state.logs[member].release(slot)
+            raise
+        for _key, digest, sequence, nbytes, _leases, parts in placements:
+            records.append(Record(RECORD_PUT, digest, sequence, nbytes, parts))
+
+        def apply() -> None:
+            with self._lock:
+                for _key, digest, sequence, nbytes, _leases, parts in placements:
+                    self._state.apply_put(digest, sequence, nbytes, parts)
+                    self._counters["puts"] += 1
+                    self._counters["bytes_put"] += nbytes
+
+        self._journal.commit(records, apply)
+
+    def _evict_record(self, eviction: Eviction) -> Record:
+        return Record(
+            RECORD_EVICT,
+            eviction.digest,
+            eviction.sequence,
+            parts=((eviction.member, eviction.slot),),
+        )
+
+    def delete(self, key: bytes) -> bool:
+        """Removes key; True if it was there."""
+        self._check_key(key)
+        digest = key_digest(bytes(key))
+        with self._lock:
+            if self._state.locate(digest) is None:
+                return False
+            sequence = self._next_sequence
+            self._next_sequence += 1
+        deleted = []
+
+        def apply() -> None:
+            with self._lock:
+                deleted.append(self._state.apply_delete(digest))
+                self._counters["deletes"] += 1
+
+        self._journal.commit([Record(RECORD_DELETE, digest, sequence)], apply)
+        return deleted[0]
+
+    def pin(self, key: bytes) -> bool:
+        """Keeps key from eviction until unpin; True if the key is present."""
+        return self._set_pin(key, True)
+
+    def unpin(self, key: bytes) -> bool:
+        return self._set_pin(key, False)
+
+    def _set_pin(self, key: bytes, pinned: bool) -> bool:
+        self._check_key(key)
+        digest = key_digest(bytes(key))
+        with self._lock:
+            if self._state.locate(digest) is None:
+                return False
+            sequence = self._next_sequence
+            self._next_sequence += 1
+        changed = []
+
+        def apply() -> None:
+            with self._lock:
+                changed.append(self._state.apply_pin(digest, pinned))
+
+        self._journal.commit(
+            [Record(RECORD_PIN if pinned else RECORD_UNPIN, digest, sequence)], apply
+        )
+        return bool(changed[0])
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def __contains__(self, key: bytes) -> bool:
+        digest = key_digest(bytes(key))
+        with self._lock:
+            return self._state.locate(digest) is not None
+
+    def longest_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present: the prefix-cache lookup, one batched probe."""
+        if not keys:
+            return 0
+        with self._lock:
+            found, _locations, _metas = self._state.index.lookup_many(key_digests(list(keys)))
+        missing = np.flatnonzero(~found)
+        return int(missing[0]) if len(missing) else len(keys)
+
+    def read(self, key: bytes) -> ValueLease | None:
+        """The value in pool buffers, verified, without a copy; release() it when done."""
+        [lease] = self._read_many([key])
+        return lease
+
+    def read_many(self, keys: Sequence[bytes]) -> list[ValueLease | None]:
+        """read() for many keys, all parts read in parallel; release every lease."""
+        return self._read_many(keys)
+
+    def get(self, key: bytes) -> bytes | None:
+        [value] = self.get_many([key])
+        return value
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Values (or None) for keys, all parts of all values read in parallel."""
+        values: list[bytes | None] = []
+        for lease in self._read_many(keys):
+            if lease is None:
+                values.append(None)
+                continue
+            with lease:
+                values.append(b"".join(bytes(view) for view in lease.views))
+        return values
+
+    def get_into(self, key: bytes, buffer: bytearray | memoryview | np.ndarray) -> int | None:
+        """Copies the value into buffer; its length, or None on a miss. ValueError if
+        buffer is too small (nothing is copied then)."""
+        lease = self.read(key)
+        if lease is None:
+            return None
+        with lease:
+            target = memoryview(buffer).cast("B")
+            if len(target) < lease.nbytes:
+                raise ValueError(
+                    f"buffer of {len(target)} bytes is too small for a value of {lease.nbytes}"
+                )
+            offset = 0
+            for view in lease.views:
+                target[offset : offset + len(view)] = view
+                offset += len(view)
+            return lease.nbytes
+
+    def _read_many(self, keys: Sequence[bytes]) -> list[ValueLease | None]:
+        plans: list[tuple[bytes, bytes, Located] | None] = []
+        with self._lock:
+            for key in keys:
+                self._check_key(key)
+                digest = key_digest(bytes(key))
+                located = self._state.locate(digest, mark_referenced=True)
+                plans.append((bytes(key), digest, located) if located else None)
+            self._counters["gets"] += len(keys)
+        results: list[ValueLease | None] = []
+        chunk: list[tuple[bytes, bytes, Located] | None] = []
+        chunk_parts = 0
+        try:
+            for plan in plans:
+                parts = len(plan[2].parts) if plan else 0
+                if parts > self._pool.count:
+                    raise ValueTooLargeError(
+                        f"the value of {plan[0]!r} spans {parts} extents but the pool holds "
+                        f"{self._pool.count} buffers: open the store with more pool_buffers"
+                    )
+                if chunk_parts + parts > self._pool.count:
+                    results.extend(self._read_chunk(chunk, chunk_parts))
+                    chunk, chunk_parts = [], 0
+                chunk.append(plan)
+                chunk_parts += parts
+            results.extend(self._read_chunk(chunk, chunk_parts))
+        except BaseException:
+            for lease in results:
+                if lease is not None:
+                    lease.release()
+            raise
+        return results
+
+    def _read_chunk(
+        self, plans: list[tuple[bytes, bytes, Located] | None], part_total: int
+    ) -> list[ValueLease | None]:
+        """Reads every part of every value in plans at once, into buffers leased at once."""
+        all_leases = self._pool.lease_many(part_total, timeout=None) if part_total else []
+        kept: set[int] = set()
+        try:
+            rows, per_value, remaining = [], [], all_leases
+            for plan in plans:
+                located = plan[2] if plan else None
+                part_leases = remaining[: len(located.parts)] if located else []
+                remaining = remaining[len(part_leases) :]
+                per_value.append(part_leases)
+                for part_index, (lease, part) in enumerate(
+                    zip(part_leases, located.parts if located else (), strict=True)
+                ):
+                    payload_bytes = self._payload_bytes(located.value_bytes, part_index)
+                    read_bytes = EXTENT_HEADER_BYTES + round_up(payload_bytes, BLOCK_BYTES)
+                    offset = self._slot_offset(part)
+                    rows.append((offset, lease.address, read_bytes, lease.index, part[0], Op.READ))
+            if rows:
+                ios = Ring.batch(len(rows))
+                ios[:] = rows
+                self._run(ios)
+            results: list[ValueLease | None] = []
+            hits = 0
+            for plan, part_leases in zip(plans, per_value, strict=True):
+                verified = self._verify(plan, part_leases) if plan else None
+                if verified is not None:
+                    kept.update(lease.index for lease in part_leases)
+                    hits += 1
+                results.append(verified)
+            with self._lock:
+                self._counters["hits"] += hits
+                self._counters["misses"] += len(plans) - hits
+                self._counters["bytes_got"] += sum(r.nbytes for r in results if r is not None)
+            return results
+        finally:
+            for lease in all_leases:
+                if lease.index not in kept:
+                    lease.release()
+
+    def _payload_bytes(self, value_bytes: int, part_index: int) -> int:
+        return min(self.extent_bytes, value_bytes - part_index * self.extent_bytes)
+
+    def _verify(self, plan: tuple[bytes, bytes, Located], leases: list[Lease]) -> ValueLease | None:
+        """Checks every part against its header and checksum; a ValueLease or None."""
+        key, digest, located = plan
+        part_bytes, problem = self._inspect(digest, located, leases, key)
+        if problem is None:
+            return ValueLease(leases, part_bytes)
+        part, _reason = problem
+        if part is None:
+            # Parts of two different puts of this key: a read raced an overwrite.
+            with self._lock:
+                self._counters["raced_reads"] += 1
+            return None
+        return self._reject(digest, part)
+
+    def _inspect(
+        self, digest: bytes, located: Located, leases: list[Lease], key: bytes | None
+    ) -> tuple[list[int], tuple[Part | None, str] | None]:
+        """(payload bytes per part, None) when the value read into leases is intact, else
+        ([], (the bad part or None when the parts disagree, what is wrong)). With key None
+        the header's key is checked against the digest instead."""
+        sequences = set()
+        part_bytes = []
+        for part_index, (lease, part) in enumerate(zip(leases, located.parts, strict=True)):
+            view = lease.memoryview
+            try:
+                header = ExtentHeader.unpack(view[:EXTENT_HEADER_BYTES], "extent header")
+            except LayoutError as error:
+                return [], (part, str(error))
+            payload = view[EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + header.payload_bytes]
+            expected = {
+                "store": (header.store_uuid, self.store_uuid),
+                "key digest": (header.key_digest, digest),
+                "key": (header.key if key is not None else key_digest(header.key), key or digest),
+                "part": ((header.part_index, header.part_count), (part_index, len(located.parts))),
+                "value bytes": (header.value_bytes, located.value_bytes),
+                "payload bytes": (
+                    header.payload_bytes,
+                    self._payload_bytes(located.value_bytes, part_index),
+                ),
+            }
+            for what, (found, wanted) in expected.items():
+                if found != wanted:
+                    return [], (part, f"{what} in the extent header does not match the index")
+            if lib.ctxkv_crc32c(0, ffi.from_buffer(payload), len(payload)) != header.payload_crc32c:
+                return [], (part, "payload fails its crc32c")
+            sequences.add(header.sequence)
+            part_bytes.append(header.payload_bytes)
+        if len(sequences) != 1:
+            return [], (None, f"parts carry different put sequences {sorted(sequences)}")
+        return part_bytes, None
+
+    def _reject(self, digest: bytes, part: Part) -> None:
+        """A part that fails verification: a race with an overwrite (the index moved on)
+        or damage (quarantine the slot, drop the value)."""
+        with self._lock:
+            located = self._state.locate(digest)
+            if located is None or part not in located.parts:
+                self._counters["raced_reads"] += 1
+                return None
+            self._state.quarantine(digest, part)
+            self._counters["corrupt_reads"] += 1
+        return None
+
+    def verify_all(
+        self, on_progress: Callable[[str, int, int], None] | None = None
+    ) -> tuple[int, int, list[dict]]:
+        """Reads and checks every live value, reporting (not repairing) what is wrong:
+        (values checked, extents checked, problems with their location)."""
+        with self._lock:
+            values = [
+                (log.digest[slot].tobytes(), self._state.locate(log.digest[slot].tobytes()))
+                for log in self._state.logs
+                for slot in log.live_slots()
+                if log.part_index[slot] == 0
+            ]
+        problems, extents = [], 0
+        for done, (digest, located) in enumerate(values, 1):
+            if located is None:
+                continue
+            leases = self._pool.lease_many(len(located.parts), timeout=None)
+            try:
+                ios = Ring.batch(len(leases))
+                for i, (lease, part) in enumerate(zip(leases, located.parts, strict=True)):
+                    nbytes = EXTENT_HEADER_BYTES + round_up(
+                        self._payload_bytes(located.value_bytes, i), BLOCK_BYTES
+                    )
+                    ios[i] = (
+                        self._slot_offset(part),
+                        lease.address,
+                        nbytes,
+                        lease.index,
+                        part[0],
+                        Op.READ,
+                    )
+                self._run(ios)
+                _sizes, problem = self._inspect(digest, located, leases, key=None)
+            finally:
+                for lease in leases:
+                    lease.release()
+            extents += len(located.parts)
+            if problem is not None:
+                part, reason = problem
+                member, slot = part if part is not None else located.parts[0]
+                problems.append({
+                    "where": f"extent member {member} slot {slot}",
+                    "member": member,
+                    "slot": slot,
+                    "offset": self._slot_offset((member, slot)),
+                    "key_digest": digest.hex(),
+                    "problem": reason,
+                })  # fmt: skip
+            if on_progress is not None:
+                on_progress("checking extents", done, len(values))
+        return len(values), extents, problems
+
+    def keys(self, batch_slots: int = 256) -> Iterator[bytes]:
+        """Every key in the store. The index holds only digests, so this reads the extent
+        header of each value's first part: a tool's operation, not a hot path."""
+        with self._lock:
+            firsts = [
+                (log.member, int(slot), log.digest[slot].tobytes())
+                for log in self._state.logs
+                for slot in log.live_slots()
+                if log.part_index[slot] == 0
+            ]
+        buffer = aligned_array(batch_slots * EXTENT_HEADER_BYTES)
+        for start in range(0, len(firsts), batch_slots):
+            chunk = firsts[start : start + batch_slots]
+            ios = Ring.batch(len(chunk))
+            for i, (member, slot, _digest) in enumerate(chunk):
+                address = buffer.ctypes.data + i * EXTENT_HEADER_BYTES
+                offset = self._slot_offset((member, slot))
+                ios[i] = (
+                    offset,
+                    address,
+                    EXTENT_HEADER_BYTES,
+                    UNREGISTERED_BUFFER,
+                    member,
+                    Op.READ,
+                )
+            self._run(ios)
+            for i, (_member, _slot, digest) in enumerate(chunk):
+                block = buffer[i * EXTENT_HEADER_BYTES : (i + 1) * EXTENT_HEADER_BYTES].tobytes()
+                try:
+                    header = ExtentHeader.unpack(block)
+                except LayoutError:
+                    continue  # damaged: scrub reports it, a listing just skips it
+                if header.key_digest == digest and key_digest(header.key) == digest:
+                    yield header.key
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            counts = self._state.counts()
+        return {
+            "store_uuid": str(self.store_uuid),
+            "members": [device.path for device in self._devices],
+            "extent_bytes": self.extent_bytes,
+            "capacity_bytes": counts["slots"] * self.extent_bytes,
+            **counts,
+            **self._counters,
+            "journal_live_blocks": self._journal.live_blocks,
+            "journal_blocks": self._journal.block_count,
+            "journal_commits": self._journal.commits,
+            "replayed_records": self.replayed_records,
+            "index_bytes": self._state.index.memory_bytes,
+            "durability": self.durability,
+            "pool_backing": self._pool.backing,
+            "damage": [str(d) for d in self.damage],
+        }

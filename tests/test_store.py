@@ -1,0 +1,245 @@
+"""The store end to end on real loop devices and files: values of every size survive
+close and reopen, span members, are verified on read, and bad input is refused."""
+
+import random
+import threading
+
+import pytest
+
+from engine.errors import CtxkvError
+from engine.store.format import TargetInUseError
+from engine.store.layout import EXTENT_HEADER_BYTES
+from engine.store.recovery import StoreOpenError
+from engine.store.store import Store, ValueTooLargeError
+
+KIB, MIB = 1 << 10, 1 << 20
+EXTENT = 64 * KIB
+
+
+def value_of(seed: int, nbytes: int) -> bytes:
+    return random.Random(seed).randbytes(nbytes)
+
+
+@pytest.fixture
+def two_loops(loop_device):
+    return [loop_device(size_bytes=64 * MIB), loop_device(size_bytes=64 * MIB)]
+
+
+def test_values_survive_reopen_across_two_loop_devices(two_loops):
+    rng = random.Random(7)
+    sizes = [1, 4095, 4096, 4097, EXTENT - 1, EXTENT, EXTENT + 1, 3 * EXTENT]
+    sizes += [rng.randint(1, 3 * EXTENT) for _ in range(492)]
+    expected = {f"key-{i}".encode(): value_of(i, size) for i, size in enumerate(sizes)}
+    with Store.format(two_loops, extent_size=EXTENT) as store:
+        for key, value in expected.items():
+            store.put(key, value)
+        assert store.get(b"key-0") == expected[b"key-0"]
+    with Store.open(two_loops) as store:
+        assert store.stats()["keys"] == 500
+        for key, value in expected.items():
+            assert store.get(key) == value, key
+        assert store.get(b"absent") is None
+
+
+def test_a_value_spanning_extents_lies_on_both_members(two_loops):
+    with Store.format(two_loops, extent_size=EXTENT) as store:
+        store.put(b"big", value_of(1, 3 * EXTENT))
+        located = store._state.locate(store_digest(b"big"))
+        assert {member for member, _slot in located.parts} == {0, 1}
+
+
+def store_digest(key: bytes) -> bytes:
+    from engine.index import key_digest
+
+    return key_digest(key)
+
+
+def test_overwrite_delete_and_contains(target_file):
+    with Store.format([target_file(size_bytes=32 * MIB)], extent_size=EXTENT) as store:
+        store.put(b"k", b"one")
+        store.put(b"k", b"two" * 30000)
+        assert store.get(b"k") == b"two" * 30000
+        assert b"k" in store and b"x" not in store
+        assert store.delete(b"k") is True
+        assert store.delete(b"k") is False
+        assert store.get(b"k") is None and b"k" not in store
+        assert store.stats()["slots_live"] == 0
+
+
+def test_deletes_and_overwrites_survive_reopen_without_checkpoint(target_file):
+    target = target_file(size_bytes=32 * MIB)
+    store = Store.format([target], extent_size=EXTENT)
+    store.put(b"a", b"1")
+    store.put(b"b", b"2")
+    store.put(b"a", b"3")
+    store.delete(b"b")
+    # Crash-like: drop the store without close(), so reopen must replay the journal.
+    store._closed = True
+    for device in store._devices:
+        device.close()
+    with Store.open([target]) as reopened:
+        assert reopened.replayed_records == 4
+        assert reopened.get(b"a") == b"3"
+        assert reopened.get(b"b") is None
+
+
+def test_zero_copy_read_reserve_commit_and_get_into(target_file):
+    with Store.format([target_file(size_bytes=32 * MIB)], extent_size=EXTENT) as store:
+        lease = store.reserve(1000)
+        lease.array[:] = 9
+        store.commit(b"z", lease)
+        with store.read(b"z") as value:
+            assert value.nbytes == 1000 and bytes(value.memoryview) == b"\x09" * 1000
+        buffer = bytearray(2000)
+        assert store.get_into(b"z", buffer) == 1000 and buffer[:1000] == b"\x09" * 1000
+        with pytest.raises(ValueError, match="too small"):
+            store.get_into(b"z", bytearray(10))
+        assert store.get_into(b"nope", buffer) is None
+
+
+def test_put_many_get_many_and_longest_prefix(target_file):
+    with Store.format([target_file(size_bytes=32 * MIB)], extent_size=EXTENT) as store:
+        chain = [f"chunk-{i}".encode() for i in range(10)]
+        store.put_many([(key, key * 100) for key in chain[:6]])
+        assert store.get_many(chain[4:8]) == [chain[4] * 100, chain[5] * 100, None, None]
+        assert store.longest_prefix(chain) == 6
+        assert store.longest_prefix(chain[6:]) == 0
+        assert store.longest_prefix([]) == 0
+
+
+def test_eviction_is_fifo_with_second_chance_and_pins(target_file):
+    target = target_file(size_bytes=16 * MIB)
+    with Store.format([target], extent_size=1 * MIB) as store:
+        slots = store.stats()["slots"]
+        for i in range(slots):
+            store.put(f"v{i}".encode(), value_of(i, 1000))
+        store.pin(b"v0")
+        assert store.get(b"v1") is not None  # referenced: gets a second chance
+        for i in range(slots, slots + 3):
+            store.put(f"v{i}".encode(), value_of(i, 1000))
+        assert store.get(b"v0") is not None  # pinned
+        assert store.get(b"v1") is not None  # second chance
+        assert store.get(b"v2") is None and store.get(b"v3") is None  # oldest went
+        assert store.stats()["evictions"] >= 2
+
+
+def test_corrupt_extent_is_a_miss_and_quarantined(target_file):
+    target = target_file(size_bytes=32 * MIB)
+    with Store.format([target], extent_size=EXTENT) as store:
+        store.put(b"victim", value_of(3, 5000))
+        member, slot = store._state.locate(store_digest(b"victim")).parts[0]
+        offset = store._slot_offset((member, slot)) + EXTENT_HEADER_BYTES + 100
+    with open(target, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    with Store.open([target]) as store:
+        assert store.get(b"victim") is None
+        stats = store.stats()
+        assert stats["corrupt_reads"] == 1 and stats["slots_quarantined"] == 1
+        assert b"victim" not in store
+
+
+def test_one_damaged_superblock_copy_still_opens_and_says_so(target_file):
+    target = target_file(size_bytes=32 * MIB)
+    with Store.format([target], extent_size=EXTENT) as store:
+        store.put(b"k", b"v")
+    with open(target, "r+b") as file:
+        file.seek(20)
+        file.write(b"\xff\xff")
+    with Store.open([target]) as store:
+        assert store.get(b"k") == b"v"
+        assert any("superblock A" in line for line in store.stats()["damage"])
+
+
+def test_format_refuses_filesystems_and_stores_without_force(loop_device, tool):
+    device = loop_device(size_bytes=64 * MIB)
+    tool("mkfs.ext4", "-q", "-F", device)
+    with pytest.raises(TargetInUseError, match="ext4 filesystem"):
+        Store.format([device], extent_size=EXTENT)
+    Store.format([device], extent_size=EXTENT, force=True).close()
+    with pytest.raises(TargetInUseError, match="ctxkv store"):
+        Store.format([device], extent_size=EXTENT)
+
+
+def test_foreign_and_missing_members_are_refused(loop_device, target_file):
+    a, b = target_file(size_bytes=32 * MIB), target_file(size_bytes=32 * MIB)
+    other = target_file(size_bytes=32 * MIB)
+    Store.format([a, b], extent_size=EXTENT).close()
+    Store.format([other], extent_size=EXTENT).close()
+    with pytest.raises(StoreOpenError, match="has 2 members, 1 targets"):
+        Store.open([a])
+    with pytest.raises(StoreOpenError, match="foreign member"):
+        Store.open([a, other])
+    with pytest.raises(StoreOpenError, match="member order"):
+        Store.open([b, a])
+    with pytest.raises(StoreOpenError, match="no valid ctxkv superblock"):
+        Store.open([target_file(size_bytes=32 * MIB)])
+
+
+def test_bad_input_gets_clear_errors(target_file):
+    with Store.format(
+        [target_file(size_bytes=8 * MIB)], extent_size=EXTENT, pool_buffers=4
+    ) as store:
+        with pytest.raises(ValueError, match=r"1\.\.1024 bytes"):
+            store.put(b"", b"x")
+        with pytest.raises(ValueError, match=r"1\.\.1024 bytes"):
+            store.put(b"k" * 1025, b"x")
+        with pytest.raises(TypeError, match="keys are bytes"):
+            store.put("text", b"x")
+        with pytest.raises(ValueTooLargeError, match="needs 5 extents"):
+            store.put(b"k", bytes(5 * EXTENT))
+    with pytest.raises(ValueError, match="extent size must be a power of two"):
+        Store.format([target_file()], extent_size=3 * MIB)
+    with pytest.raises(CtxkvError, match="closed"):
+        store.put(b"k", b"v")
+
+
+def test_concurrent_puts_and_gets(target_file):
+    with Store.format([target_file(size_bytes=64 * MIB)], extent_size=EXTENT) as store:
+        errors = []
+
+        def worker(thread: int) -> None:
+            try:
+                for i in range(40):
+                    key = f"t{thread}-{i}".encode()
+                    value = value_of(thread * 1000 + i, 100 + i * 37)
+                    store.put(key, value)
+                    assert store.get(key) == value
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[0]
+        assert store.stats()["keys"] == 160
+        assert store.stats()["journal_commits"] <= 160  # group commit may merge some
+
+
+def test_checkpoint_then_more_journal_then_reopen(target_file):
+    target = target_file(size_bytes=32 * MIB)
+    with Store.format([target], extent_size=EXTENT) as store:
+        store.put(b"before", b"1")
+        store.checkpoint()
+        store.put(b"after", b"2")
+        store.pin(b"before")
+    with Store.open([target]) as store:
+        assert store.get(b"before") == b"1" and store.get(b"after") == b"2"
+        assert store._state.locate(store_digest(b"before")).pinned
+
+
+def test_device_is_free_right_after_close_even_when_other_threads_did_io(loop_device):
+    # Every thread gets its own ring; close() must release them all before returning, or
+    # an immediate reopen of a block device (O_EXCL) fails with EBUSY.
+    device = loop_device(size_bytes=64 * MIB)
+    store = Store.format([device], extent_size=EXTENT)
+    thread = threading.Thread(target=store.put, args=(b"from-thread", b"v"))
+    thread.start()
+    thread.join()
+    store.close()
+    with Store.open([device]) as reopened:
+        assert reopened.get(b"from-thread") == b"v"
