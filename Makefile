@@ -12,7 +12,7 @@ APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvm
 DEMO_DIR ?= /var/tmp/ctxkv-demo
 DEMO_TARGET := $(DEMO_DIR)/target.img
 
-.PHONY: setup system-packages demo test lint bench-raw clean
+.PHONY: setup system-packages demo test lint bench-raw bench-store clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -29,13 +29,14 @@ $(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/build.p
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The main job. Until the store lands it measures ctxkv's raw io_uring path against fio
-# on a file-backed target: write it, then read it, each interleaved with fio.
+# The main job: a store on a file-backed target, put and get workloads of 4 MiB values
+# through it, side by side with ctxkv's raw path and fio on the same file, then a scrub.
 demo: setup
 	mkdir -p $(DEMO_DIR)
 	test -f $(DEMO_TARGET) || truncate -s 1G $(DEMO_TARGET)
-	$(BIN)/ctxkv bench --compare-fio --rounds 2 --rw write --bs 4M --iodepth 8 --size 1G --runtime 3 $(DEMO_TARGET)
-	$(BIN)/ctxkv bench --compare-fio --rounds 2 --rw read --bs 4M --iodepth 8 --size 1G --runtime 3 $(DEMO_TARGET)
+	$(BIN)/ctxkv bench --mode store --compare-fio --rounds 2 --rw write --bs 4M --iodepth 8 --size 512M $(DEMO_TARGET)
+	$(BIN)/ctxkv bench --mode store --compare-fio --rounds 2 --rw read --bs 4M --iodepth 8 --size 512M $(DEMO_TARGET)
+	$(BIN)/ctxkv scrub $(DEMO_TARGET)
 
 test: setup lint
 	$(BIN)/pytest -q
@@ -47,6 +48,12 @@ lint: setup
 # Acceptance figures of the raw path: ctxkv vs fio on a loop device and a file.
 bench-raw: setup
 	$(BIN)/python bench/raw_vs_fio.py
+
+# Acceptance figures of the store: bandwidth vs fio, write amplification, recovery time,
+# and the index's bytes per key and lookups per second.
+bench-store: setup
+	$(BIN)/python bench/store_vs_fio.py
+	$(BIN)/python bench/index_bench.py
 
 clean:
 	rm -rf $(VENV) build engine/_native.c engine/_native.o engine/_native*.so *.egg-info

@@ -13,14 +13,13 @@ detaches the loop device and deletes both images.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from common import hugepages_reserved, loop_device, make_image
 
 from engine.bench.compare import Comparison, run_compare
 from engine.bench.job import Job, parse_size
@@ -37,39 +36,6 @@ JOBS = [
     ("4M write QD8", "write", 8, "bw_bytes"),
     ("4M read QD1", "read", 1, "lat_ns_p50"),
 ]
-
-
-@contextlib.contextmanager
-def loop_device(image: Path) -> Iterator[str]:
-    device = subprocess.run(
-        ["losetup", "--direct-io=on", "--sector-size", "4096", "-f", "--show", str(image)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=True)
-
-
-@contextlib.contextmanager
-def hugepages_reserved(extra_pages: int) -> Iterator[None]:
-    path = Path("/proc/sys/vm/nr_hugepages")
-    before = int(path.read_text())
-    path.write_text(str(before + extra_pages))
-    try:
-        reserved = int(path.read_text()) - before
-        if reserved < extra_pages:
-            print(f"warning: only {reserved} of {extra_pages} hugepages could be reserved")
-        yield
-    finally:
-        path.write_text(str(before))
-
-
-def make_image(path: Path, size_bytes: int) -> None:
-    with open(path, "wb") as file:
-        file.truncate(size_bytes)
 
 
 def main() -> int:
@@ -117,9 +83,9 @@ def main() -> int:
         f"{'usr us/io ctxkv':>15} {'fio':>6}"
     )
     for name, entry in report.items():
-        ratio = entry["comparison"]["ratio_ctxkv_over_fio"]
-        usr_ctxkv = entry["comparison"]["median_ctxkv"]["usr_cpu_ns_per_op"] / 1e3
-        usr_fio = entry["comparison"]["median_fio"]["usr_cpu_ns_per_op"] / 1e3
+        ratio = entry["comparison"]["ratio_over_fio"]["ctxkv"]
+        usr_ctxkv = entry["comparison"]["median"]["ctxkv"]["usr_cpu_ns_per_op"] / 1e3
+        usr_fio = entry["comparison"]["median"]["fio"]["usr_cpu_ns_per_op"] / 1e3
         print(
             f"{name:<28} {ratio['bw_bytes']:9.3f} {ratio['lat_ns_p50']:7.3f} "
             f"{ratio['lat_ns_p99']:7.3f} {ratio['lat_ns_p99.9']:7.3f} {usr_ctxkv:15.1f} "

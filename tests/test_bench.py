@@ -146,9 +146,9 @@ def test_compare_fio_interleaves_and_reports_ratios(loop_device):
     assert names == ["fio-round1", "ctxkv-round1", "fio-round2", "ctxkv-round2"]
     for job in report["jobs"]:
         assert job["read"]["io_bytes"] == 16 * MIB
-    ratio = report["comparison"]["ratio_ctxkv_over_fio"]["bw_bytes"]
-    median_fio = report["comparison"]["median_fio"]["bw_bytes"]
-    median_ctxkv = report["comparison"]["median_ctxkv"]["bw_bytes"]
+    ratio = report["comparison"]["ratio_over_fio"]["ctxkv"]["bw_bytes"]
+    median_fio = report["comparison"]["median"]["fio"]["bw_bytes"]
+    median_ctxkv = report["comparison"]["median"]["ctxkv"]["bw_bytes"]
     assert ratio == pytest.approx(median_ctxkv / median_fio)
     assert report["fio version"].startswith("fio-")
 

@@ -1,5 +1,5 @@
 """ctxkv against fio on the same job and target, interleaved (fio, ctxkv, fio, ctxkv ...)
-so that drift in a noisy machine hits both sides alike; the verdict is the ratio of
+so that drift in a noisy machine hits every side alike; the verdict is the ratio of
 medians, never one run."""
 
 from __future__ import annotations
@@ -27,26 +27,34 @@ METRICS: dict[str, tuple[Callable[[RunResult], float], bool]] = {
 
 @dataclass
 class Comparison:
+    """Runs of each engine, in the order they ran; fio first."""
+
     job: Job
-    fio: list[RunResult] = field(default_factory=list)
-    ctxkv: list[RunResult] = field(default_factory=list)
+    runs: dict[str, list[RunResult]] = field(default_factory=dict)
+
+    @property
+    def engines(self) -> list[str]:
+        return list(self.runs)
 
     def median(self, engine: str, metric: str) -> float:
         read, _ = METRICS[metric]
-        runs = self.fio if engine == "fio" else self.ctxkv
-        return statistics.median(read(run) for run in runs)
+        return statistics.median(read(run) for run in self.runs[engine])
 
-    def ratio(self, metric: str) -> float:
-        """ctxkv's median over fio's: above 1 is more bandwidth or more latency."""
+    def ratio(self, engine: str, metric: str) -> float:
+        """engine's median over fio's: above 1 is more bandwidth or more latency."""
         fio_median = self.median("fio", metric)
-        return self.median("ctxkv", metric) / fio_median if fio_median else float("nan")
+        return self.median(engine, metric) / fio_median if fio_median else float("nan")
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         return {
-            "median_fio": {m: self.median("fio", m) for m in METRICS},
-            "median_ctxkv": {m: self.median("ctxkv", m) for m in METRICS},
-            "ratio_ctxkv_over_fio": {m: self.ratio(m) for m in METRICS},
+            "median": {e: {m: self.median(e, m) for m in METRICS} for e in self.engines},
+            "ratio_over_fio": {
+                e: {m: self.ratio(e, m) for m in METRICS} for e in self.engines if e != "fio"
+            },
         }
+
+
+Runner = Callable[[Job, ProgressCallback | None], RunResult]
 
 
 def run_compare(
@@ -54,17 +62,18 @@ def run_compare(
     rounds: int,
     on_result: Callable[[int, RunResult], None] | None = None,
     on_progress: ProgressCallback | None = None,
+    runners: dict[str, Runner] | None = None,
 ) -> Comparison:
+    """Round after round, fio then each of runners (default: ctxkv's raw path)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    comparison = Comparison(job)
+    runners = {"fio": lambda job, _progress: run_fio(job), **(runners or {"ctxkv": run_raw})}
+    comparison = Comparison(job, {engine: [] for engine in runners})
     for round_index in range(1, rounds + 1):
-        fio_result = run_fio(job)
-        comparison.fio.append(fio_result)
-        if on_result:
-            on_result(round_index, fio_result)
-        ctxkv_result = run_raw(job, on_progress)
-        comparison.ctxkv.append(ctxkv_result)
-        if on_result:
-            on_result(round_index, ctxkv_result)
+        for engine, runner in runners.items():
+            result = runner(job, on_progress)
+            result.engine = engine
+            comparison.runs[engine].append(result)
+            if on_result:
+                on_result(round_index, result)
     return comparison

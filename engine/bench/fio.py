@@ -61,6 +61,7 @@ def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
         arguments.append(f"--runtime={job.runtime_s:g}s")
     if job.time_based:
         arguments.append("--time_based=1")
+    arguments += [f"--{name}={value}" for name, value in sorted(job.extra.items())]
     return arguments
 
 

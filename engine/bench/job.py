@@ -42,7 +42,7 @@ class Job:
     runtime_s: float | None = None  # None: until size_bytes is done
     time_based: bool = False
     name: str = "ctxkv"
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # more fio options (fio side only)
 
     def __post_init__(self) -> None:
         if not self.targets:

@@ -81,7 +81,7 @@ def build_ios(
     return ios
 
 
-def _thread_cpu_ns() -> tuple[int, int]:
+def thread_cpu_ns() -> tuple[int, int]:
     usage = resource.getrusage(resource.RUSAGE_THREAD)
     return round(usage.ru_utime * 1e9), round(usage.ru_stime * 1e9)
 
@@ -101,7 +101,7 @@ def _run_one_job(
         with Ring(devices, pool, entries=max(64, 4 * job.iodepth)) as ring:
             latencies: list[np.ndarray] = []
             io_bytes = 0
-            usr_before, sys_before = _thread_cpu_ns()
+            usr_before, sys_before = thread_cpu_ns()
             start_ns = monotonic_ns()
             deadline_ns = start_ns + round(job.runtime_s * 1e9) if job.runtime_s else 0
             while True:
@@ -111,7 +111,7 @@ def _run_one_job(
                 if not job.time_based or len(done) < len(ios) or progress.cancelled:
                     break
             end_ns = monotonic_ns()
-            usr_after, sys_after = _thread_cpu_ns()
+            usr_after, sys_after = thread_cpu_ns()
             outcome.append(
                 _ThreadOutcome(
                     lat_ns=np.concatenate(latencies),

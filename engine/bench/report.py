@@ -50,6 +50,12 @@ def describe_run(job: Job, result: RunResult, label: str) -> str:
     ]
     if result.engine == "fio":
         lines.append(f"  buffers: mem={result.extra['fio_mem']}")
+    elif result.engine == "ctxkv-store":
+        extra = result.extra
+        lines.append(
+            f"  store: {extra['values']} values of one extent, {extra['durability']} durability, "
+            f"{extra['journal_commits']} journal commits, {extra['pool_backing']} pool"
+        )
     else:
         extra = result.extra
         lines.append(
@@ -62,40 +68,40 @@ def describe_run(job: Job, result: RunResult, label: str) -> str:
 
 def describe_comparison(comparison: Comparison) -> str:
     header = (
-        f"{'round':>6} {'engine':>7} {'MiB/s':>9} {'IOPS':>9} {'p50 us':>9} {'p99 us':>9} "
+        f"{'round':>6} {'engine':>12} {'MiB/s':>9} {'IOPS':>9} {'p50 us':>9} {'p99 us':>9} "
         f"{'p99.9 us':>9} {'usr us/io':>10}"
     )
 
     def row(label: str, engine: str, values: dict[str, float]) -> str:
         return (
-            f"{label:>6} {engine:>7} {values['bw_bytes'] / MiB:9.1f} {values['iops']:9.1f} "
+            f"{label:>6} {engine:>12} {values['bw_bytes'] / MiB:9.1f} {values['iops']:9.1f} "
             f"{values['lat_ns_p50'] / 1e3:9.0f} {values['lat_ns_p99'] / 1e3:9.0f} "
             f"{values['lat_ns_p99.9'] / 1e3:9.0f} {values['usr_cpu_ns_per_op'] / 1e3:10.1f}"
         )
 
     lines = [header]
-    for index, (fio_run, ctxkv_run) in enumerate(
-        zip(comparison.fio, comparison.ctxkv, strict=True)
-    ):
-        for run in (fio_run, ctxkv_run):
+    rounds = len(comparison.runs["fio"])
+    for index in range(rounds):
+        for engine in comparison.engines:
+            run = comparison.runs[engine][index]
             lines.append(
-                row(str(index + 1), run.engine, {m: read(run) for m, (read, _) in METRICS.items()})
+                row(str(index + 1), engine, {m: read(run) for m, (read, _) in METRICS.items()})
             )
     summary = comparison.summary()
-    lines.append(row("median", "fio", summary["median_fio"]))
-    lines.append(row("median", "ctxkv", summary["median_ctxkv"]))
-    ratio = summary["ratio_ctxkv_over_fio"]
-    if any(run.extra["fio_mem"] == "malloc" for run in comparison.fio):
+    for engine in comparison.engines:
+        lines.append(row("median", engine, summary["median"][engine]))
+    if any(run.extra["fio_mem"] == "malloc" for run in comparison.runs["fio"]):
         lines.append(
             "note: fio ran on 4 KiB-page buffers (too few free hugetlb pages), ctxkv on 2 MiB "
             "pages: not like for like. Reserve some (`echo 64 > /proc/sys/vm/nr_hugepages`) "
             "and fio uses mem=shmhuge."
         )
-    lines.append(
-        f"ctxkv/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, "
-        f"p50 latency {ratio['lat_ns_p50']:.3f}, p99 {ratio['lat_ns_p99']:.3f}, "
-        f"p99.9 {ratio['lat_ns_p99.9']:.3f}, usr CPU per I/O {ratio['usr_cpu_ns_per_op']:.2f}"
-    )
+    for engine, ratio in summary["ratio_over_fio"].items():
+        lines.append(
+            f"{engine}/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, "
+            f"p50 latency {ratio['lat_ns_p50']:.3f}, p99 {ratio['lat_ns_p99']:.3f}, "
+            f"p99.9 {ratio['lat_ns_p99.9']:.3f}, usr CPU per I/O {ratio['usr_cpu_ns_per_op']:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -111,14 +117,13 @@ def comparison_json(comparison: Comparison) -> dict[str, Any]:
     job = comparison.job
     options = job_options(job)
     jobs = []
-    for index, (fio_run, ctxkv_run) in enumerate(
-        zip(comparison.fio, comparison.ctxkv, strict=True)
-    ):
-        jobs.append(fio_run.fio_job_json(f"fio-round{index + 1}", options))
-        jobs.append(ctxkv_run.fio_job_json(f"ctxkv-round{index + 1}", options))
+    for index in range(len(comparison.runs["fio"])):
+        for engine in comparison.engines:
+            run = comparison.runs[engine][index]
+            jobs.append(run.fio_job_json(f"{engine}-round{index + 1}", options))
     return {
         "ctxkv version": __version__,
-        "fio version": comparison.fio[0].extra.get("fio_version", ""),
+        "fio version": comparison.runs["fio"][0].extra.get("fio_version", ""),
         "timestamp": int(time.time()),
         "percentiles": [f"{p:g}" for p in PERCENTILES],
         "jobs": jobs,

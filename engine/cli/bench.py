@@ -11,6 +11,8 @@ from engine.bench.job import RW_MODES, Job, parse_size
 from engine.bench.raw import ProgressCallback, run_raw
 from engine.bench.report import comparison_json, describe_comparison, describe_run, run_json
 from engine.bench.result import RunResult
+from engine.bench.store_mode import run_store
+from engine.store.store import RELAXED, STRICT
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -22,7 +24,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "with their ratio.",
     )
     parser.add_argument("targets", nargs="+", metavar="TARGET", help="block device or file")
-    parser.add_argument("--mode", choices=["raw"], default="raw", help="what to measure")
+    parser.add_argument(
+        "--mode",
+        choices=["raw", "store"],
+        default="raw",
+        help="raw: ctxkv's io_uring path; store: puts/gets of bs-sized values through the "
+        "store (formats the targets; with --compare-fio also runs raw mode)",
+    )
+    parser.add_argument(
+        "--durability",
+        choices=[STRICT, RELAXED],
+        default=STRICT,
+        help="store mode: flush on every put (strict) or on a timer (relaxed)",
+    )
     parser.add_argument("--rw", choices=RW_MODES, default="read")
     parser.add_argument("--bs", type=parse_size, default=4 << 20, help="block size (4k, 4M)")
     parser.add_argument("--iodepth", type=int, default=8)
@@ -82,8 +96,12 @@ def run(arguments: argparse.Namespace) -> int:
         if progress is not None:
             sys.stderr.write("\r\033[K")
 
+    def store_runner(job: Job, on_progress: ProgressCallback | None) -> RunResult:
+        return run_store(job, on_progress, durability=arguments.durability)
+
+    runner = store_runner if arguments.mode == "store" else run_raw
     if not arguments.compare_fio:
-        result = run_raw(job, progress)
+        result = runner(job, progress)
         clear_progress()
         print(
             describe_run(job, result, "ctxkv")
@@ -99,7 +117,10 @@ def run(arguments: argparse.Namespace) -> int:
         elif sys.stderr.isatty():
             sys.stderr.write(f"round {round_index}: {result.engine} done\n")
 
-    comparison = run_compare(job, arguments.rounds, show_run, progress)
+    runners = {"ctxkv": run_raw}
+    if arguments.mode == "store":
+        runners["ctxkv-store"] = store_runner
+    comparison = run_compare(job, arguments.rounds, show_run, progress, runners)
     if normal:
         print()
         print(describe_comparison(comparison))

@@ -1,0 +1,118 @@
+"""The store's side of a benchmark (`ctxkv bench --mode store`): puts or gets of values
+of one extent (bs) through engine.Store, iodepth values per put_many/read_many batch,
+one thread per job. Formats the targets: everything on them is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from engine.bench.job import Job
+from engine.bench.raw import PROGRESS_INTERVAL_S, ProgressCallback, thread_cpu_ns
+from engine.bench.result import RunResult
+from engine.io.ring import monotonic_ns
+from engine.store.store import STRICT, Store
+
+FILL_FRACTION = 0.9  # of the store's slots, so reads never meet an eviction
+
+
+def value_count(job: Job, store: Store) -> int:
+    slots = store.stats()["slots"]
+    wanted = slots if job.size_bytes is None else job.size_bytes // job.block_bytes
+    return max(job.iodepth, min(wanted, int(slots * FILL_FRACTION)))
+
+
+def run_store(
+    job: Job, on_progress: ProgressCallback | None = None, durability: str = STRICT
+) -> RunResult:
+    store = Store.format(
+        job.targets, extent_size=job.block_bytes, force=True,
+        pool_buffers=job.iodepth * job.numjobs + 2, durability=durability,
+    )  # fmt: skip
+    with store:
+        count = value_count(job, store)
+        value = np.random.default_rng(0).integers(0, 256, job.block_bytes, dtype=np.uint8).tobytes()
+        keys = [f"bench-{i}".encode() for i in range(count)]
+        if job.is_read:
+            for start in range(0, count, job.iodepth):
+                store.put_many([(key, value) for key in keys[start : start + job.iodepth]])
+        done_bytes = [0] * job.numjobs
+        outcomes: list[tuple] = []
+        errors: list[BaseException] = []
+        deadline_ns = monotonic_ns() + round(job.runtime_s * 1e9) if job.runtime_s else 0
+
+        def one_job(index: int) -> None:
+            try:
+                latencies = []
+                order = (
+                    np.random.default_rng(index).permutation(count)
+                    if job.is_random
+                    else range(count)
+                )
+                mine = [keys[i] for i in order]
+                usr0, sys0 = thread_cpu_ns()
+                start_ns = monotonic_ns()
+                position = 0
+                while True:
+                    batch = mine[position : position + job.iodepth]
+                    began = monotonic_ns()
+                    if job.is_read:
+                        leases = store.read_many(batch)
+                        assert all(lease is not None for lease in leases), (
+                            "a bench value went missing"
+                        )
+                        for lease in leases:
+                            lease.release()
+                    else:
+                        store.put_many([(key, value) for key in batch])
+                    ended = monotonic_ns()
+                    latencies.extend([ended - began] * len(batch))
+                    done_bytes[index] += len(batch) * job.block_bytes
+                    position += len(batch)
+                    if position >= len(mine):
+                        if not job.time_based:
+                            break
+                        position = 0
+                    if deadline_ns and ended >= deadline_ns:
+                        break
+                end_ns = monotonic_ns()
+                usr1, sys1 = thread_cpu_ns()
+                lat_ns = np.array(latencies, dtype=np.int64)
+                outcomes.append(
+                    (lat_ns, done_bytes[index], start_ns, end_ns, usr1 - usr0, sys1 - sys0)
+                )
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [
+            threading.Thread(target=one_job, args=(i,), name=f"ctxkv-store-bench-{i}")
+            for i in range(job.numjobs)
+        ]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(PROGRESS_INTERVAL_S)
+                if on_progress is not None:
+                    on_progress(sum(done_bytes), time.monotonic() - started)
+        if errors:
+            raise errors[0]
+        stats = store.stats()
+        return RunResult.from_latencies(
+            engine="ctxkv-store",
+            direction=job.direction,
+            io_bytes=sum(o[1] for o in outcomes),
+            runtime_ns=max(o[3] for o in outcomes) - min(o[2] for o in outcomes),
+            lat_ns=np.concatenate([o[0] for o in outcomes]),
+            usr_cpu_ns=sum(o[4] for o in outcomes),
+            sys_cpu_ns=sum(o[5] for o in outcomes),
+            extra={
+                "values": count,
+                "durability": durability,
+                "journal_commits": stats["journal_commits"],
+                "pool_backing": stats["pool_backing"],
+            },
+        )
