@@ -148,3 +148,21 @@ uint32_t ctxkv_crc32c(uint32_t crc, const void *data, size_t nbytes)
     return ctxkv_crc32c_portable(crc, data, nbytes);
 }
 #endif
+
+uint32_t ctxkv_copy_crc32c(void *dst, const void *src, size_t nbytes)
+{
+    /* Pieces small enough to stay in L2 between the copy and the checksum. */
+    enum { PIECE_BYTES = 128 << 10 };
+    unsigned char *to = dst;
+    const unsigned char *from = src;
+    uint32_t crc = 0;
+    while (nbytes) {
+        size_t piece = nbytes < PIECE_BYTES ? nbytes : PIECE_BYTES;
+        memcpy(to, from, piece);
+        crc = ctxkv_crc32c(crc, to, piece);
+        to += piece;
+        from += piece;
+        nbytes -= piece;
+    }
+    return crc;
+}

@@ -13,6 +13,9 @@
 /* crc is the value returned by a previous call (0 to start): crc32c(a+b) == crc32c(b, crc32c(a)). */
 uint32_t ctxkv_crc32c(uint32_t crc, const void *data, size_t nbytes);
 uint32_t ctxkv_crc32c_portable(uint32_t crc, const void *data, size_t nbytes);
+/* memcpy(dst, src, nbytes) and the CRC32C of the bytes, in one pass over them: each
+ * piece is checksummed while it is still in cache from the copy. */
+uint32_t ctxkv_copy_crc32c(void *dst, const void *src, size_t nbytes);
 int ctxkv_crc32c_hardware(void); /* 1 when ctxkv_crc32c uses the SSE4.2 instruction */
 
 /* ---- Buffer arena: one mapping, made once at start-up ------------------------------ */
@@ -44,6 +47,18 @@ enum ctxkv_opcode {
     CTXKV_OP_READ = 0,
     CTXKV_OP_WRITE = 1,
     CTXKV_OP_FSYNC = 2, /* fdatasync of the file; offset, addr, nbytes ignored */
+    CTXKV_OP_MASK = 0x0F,
+    /* With READ: the buffer receives an extent (docs/format.md), and once it is in, the
+     * CRC32C of its payload (payload_bytes read from the header) goes to
+     * result.payload_crc32c, computed while the other I/Os are still in flight. */
+    CTXKV_OP_FLAG_EXTENT_CRC = 0x80,
+};
+
+/* The two facts of the extent layout that CTXKV_OP_FLAG_EXTENT_CRC relies on; the
+ * Python layout module asserts they match. */
+enum {
+    CTXKV_EXTENT_HEADER_BYTES = 4096,
+    CTXKV_EXTENT_PAYLOAD_BYTES_OFFSET = 48,
 };
 
 /* buf_index for memory that is not a registered buffer (plain READ/WRITE ops). */
@@ -65,7 +80,7 @@ struct ctxkv_io_result {
     uint64_t submit_ns;    /* CLOCK_MONOTONIC when its first chunk was queued */
     uint64_t complete_ns;  /* CLOCK_MONOTONIC when its last chunk was reaped */
     uint32_t chunks_pending;
-    uint32_t reserved;
+    uint32_t payload_crc32c; /* CTXKV_OP_FLAG_EXTENT_CRC reads only */
 };
 
 /* Shared with another thread while a run is going: it reads the counters (for

@@ -137,7 +137,7 @@ int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
 
 static uint32_t chunk_count(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
 {
-    if (io->opcode == CTXKV_OP_FSYNC)
+    if ((io->opcode & CTXKV_OP_MASK) == CTXKV_OP_FSYNC)
         return 1;
     uint32_t chunk = ring->chunk_bytes[io->file_index];
     return (io->nbytes + chunk - 1) / chunk;
@@ -145,9 +145,15 @@ static uint32_t chunk_count(const struct ctxkv_ring *ring, const struct ctxkv_io
 
 static int io_is_valid(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
 {
-    if (io->file_index >= ring->nfiles || io->opcode > CTXKV_OP_FSYNC)
+    uint8_t kind = io->opcode & CTXKV_OP_MASK;
+    if (io->file_index >= ring->nfiles || kind > CTXKV_OP_FSYNC)
         return 0;
-    if (io->opcode == CTXKV_OP_FSYNC)
+    if (io->opcode & ~(CTXKV_OP_MASK | CTXKV_OP_FLAG_EXTENT_CRC))
+        return 0;
+    if (io->opcode & CTXKV_OP_FLAG_EXTENT_CRC &&
+        (kind != CTXKV_OP_READ || io->nbytes < CTXKV_EXTENT_HEADER_BYTES))
+        return 0;
+    if (kind == CTXKV_OP_FSYNC)
         return 1;
     if (io->nbytes == 0)
         return 0;
@@ -161,7 +167,7 @@ static void prep_chunk(struct io_uring_sqe *sqe, const struct ctxkv_io *io, uint
     void *addr = (void *)(uintptr_t)(io->addr + chunk_offset);
     uint64_t offset = io->offset + chunk_offset;
     int registered = io->buf_index != CTXKV_UNREGISTERED_BUFFER;
-    switch (io->opcode) {
+    switch (io->opcode & CTXKV_OP_MASK) {
     case CTXKV_OP_READ:
         if (registered)
             io_uring_prep_read_fixed(sqe, io->file_index, addr, chunk_len, offset, io->buf_index);
@@ -181,6 +187,20 @@ static void prep_chunk(struct io_uring_sqe *sqe, const struct ctxkv_io *io, uint
     }
     sqe->flags |= IOSQE_FIXED_FILE;
     io_uring_sqe_set_data64(sqe, index);
+}
+
+/* The CRC32C of the payload of the extent just read into io's buffer. A payload_bytes
+ * field that claims more than was read (a damaged header) is clamped: the header's own
+ * checksum fails then anyway, and the clamp keeps us inside the buffer. */
+static uint32_t extent_payload_crc(const struct ctxkv_io *io)
+{
+    const unsigned char *extent = (const unsigned char *)(uintptr_t)io->addr;
+    uint32_t payload_bytes;
+    memcpy(&payload_bytes, extent + CTXKV_EXTENT_PAYLOAD_BYTES_OFFSET, sizeof(payload_bytes));
+    uint32_t room = io->nbytes - CTXKV_EXTENT_HEADER_BYTES;
+    if (payload_bytes > room)
+        payload_bytes = room;
+    return ctxkv_crc32c(0, extent + CTXKV_EXTENT_HEADER_BYTES, payload_bytes);
 }
 
 int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
@@ -211,7 +231,7 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
                 }
                 r->submit_ns = ctxkv_monotonic_ns();
                 r->complete_ns = r->submit_ns;
-                r->reserved = 0;
+                r->payload_crc32c = 0;
                 if (!io_is_valid(ring, io)) {
                     /* ios complete in order only as a prefix; an invalid one in the
                      * middle completes at once rather than stalling the prefix. */
@@ -230,13 +250,14 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
             struct io_uring_sqe *sqe = io_uring_get_sqe(&ring->uring);
             if (!sqe)
                 break; /* SQ full: submit what we have, come back after reaping */
-            uint32_t remaining = io->opcode == CTXKV_OP_FSYNC ? 0 : io->nbytes - next_offset;
+            int fsync = (io->opcode & CTXKV_OP_MASK) == CTXKV_OP_FSYNC;
+            uint32_t remaining = fsync ? 0 : io->nbytes - next_offset;
             uint32_t chunk = ring->chunk_bytes[io->file_index];
             uint32_t chunk_len = remaining < chunk ? remaining : chunk;
             prep_chunk(sqe, io, next, next_offset, chunk_len);
             chunks_in_flight++;
             next_offset += chunk_len;
-            if (next_offset >= io->nbytes || io->opcode == CTXKV_OP_FSYNC) {
+            if (next_offset >= io->nbytes || fsync) {
                 next++;
                 next_offset = 0;
             }
@@ -267,6 +288,9 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
             reaped++;
             chunks_in_flight--;
             if (--r->chunks_pending == 0) {
+                const struct ctxkv_io *io = &ios[cqe->user_data];
+                if ((io->opcode & CTXKV_OP_FLAG_EXTENT_CRC) && r->result == io->nbytes)
+                    r->payload_crc32c = extent_payload_crc(io);
                 r->complete_ns = ctxkv_monotonic_ns();
                 ops_in_flight--;
                 completed++;

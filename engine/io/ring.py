@@ -45,7 +45,7 @@ RESULT_DTYPE = np.dtype(
         ("submit_ns", "<u8"),
         ("complete_ns", "<u8"),
         ("chunks_pending", "<u4"),
-        ("reserved", "<u4"),
+        ("payload_crc32c", "<u4"),
     ]
 )
 assert IO_DTYPE.itemsize == ffi.sizeof("struct ctxkv_io") == 24
@@ -59,6 +59,12 @@ class Op(enum.IntEnum):
     READ = lib.CTXKV_OP_READ
     WRITE = lib.CTXKV_OP_WRITE
     FSYNC = lib.CTXKV_OP_FSYNC
+
+
+OP_MASK = lib.CTXKV_OP_MASK
+# OR into a READ's opcode: the buffer receives an extent, and result["payload_crc32c"]
+# is its payload's CRC32C, computed in C as soon as that read lands.
+EXTENT_CRC = lib.CTXKV_OP_FLAG_EXTENT_CRC
 
 
 SETUP_FLAG_NAMES = {
@@ -215,10 +221,15 @@ class Ring:
                 f"I/O {bad[0]} names file {file_index[bad[0]]}, "
                 f"but the ring has {len(self.devices)}"
             )
-        opcode = ios["opcode"]
-        bad = np.flatnonzero(opcode > Op.FSYNC)
+        raw_opcode = ios["opcode"]
+        opcode = raw_opcode & OP_MASK
+        flags = raw_opcode & ~np.uint8(OP_MASK)
+        bad = np.flatnonzero((opcode > Op.FSYNC) | ((flags & ~np.uint8(EXTENT_CRC)) != 0))
         if len(bad):
-            raise ValueError(f"I/O {bad[0]} has unknown opcode {opcode[bad[0]]}")
+            raise ValueError(f"I/O {bad[0]} has unknown opcode {raw_opcode[bad[0]]}")
+        bad = np.flatnonzero((flags != 0) & ((opcode != Op.READ) | (ios["nbytes"] < 4096)))
+        if len(bad):
+            raise ValueError(f"I/O {bad[0]}: EXTENT_CRC goes with reads of a whole extent header")
         data = opcode != Op.FSYNC
         offset, nbytes, addr = ios["offset"], ios["nbytes"].astype(np.uint64), ios["addr"]
         block = self._block_bytes[file_index]
@@ -270,7 +281,7 @@ class Ring:
             )
 
     def raise_first_error(self, ios: np.ndarray, results: np.ndarray) -> None:
-        data = ios["opcode"] != Op.FSYNC
+        data = (ios["opcode"] & OP_MASK) != Op.FSYNC
         failed = np.flatnonzero(
             (results["result"] < 0) | (data & (results["result"] != ios["nbytes"]))
         )
@@ -279,7 +290,7 @@ class Ring:
         i = failed[0]
         io, result = ios[i], int(results["result"][i])
         device = self.devices[io["file_index"]]
-        op = Op(int(io["opcode"])).name.lower()
+        op = Op(int(io["opcode"]) & OP_MASK).name.lower()
         if result < 0:
             raise DeviceIOError(
                 -result, path=device.path, op=op, offset=int(io["offset"]), nbytes=int(io["nbytes"])

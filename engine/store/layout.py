@@ -169,6 +169,9 @@ class ExtentHeader:
 
 
 assert ExtentHeader.STRUCT.size == 1104, ExtentHeader.STRUCT.size
+# Where payload_bytes lies: native code reads it to checksum a payload as it lands.
+EXTENT_PAYLOAD_BYTES_OFFSET = struct.calcsize("<8sII16sQQ")
+assert EXTENT_PAYLOAD_BYTES_OFFSET == 48
 
 
 # ---- Journal ---------------------------------------------------------------------------

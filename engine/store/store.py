@@ -21,7 +21,7 @@ from engine.alloc.log import Eviction
 from engine.errors import CtxkvError
 from engine.index import key_digest, key_digests
 from engine.io.buffers import BufferPool, Lease, aligned_array
-from engine.io.ring import UNREGISTERED_BUFFER, Op, Ring
+from engine.io.ring import EXTENT_CRC, UNREGISTERED_BUFFER, Op, Ring
 from engine.journal.journal import Journal, replay
 from engine.nvme.device import Device
 from engine.store.format import (
@@ -35,6 +35,7 @@ from engine.store.layout import (
     BLOCK_BYTES,
     DEFAULT_EXTENT_BYTES,
     EXTENT_HEADER_BYTES,
+    EXTENT_PAYLOAD_BYTES_OFFSET,
     MAX_KEY_BYTES,
     RECORD_DELETE,
     RECORD_EVICT,
@@ -54,6 +55,11 @@ from engine.store.state import MAX_VALUE_PARTS, Located, Part, StoreState
 
 # The pool is sized in bytes by default, so small extents get many buffers and large ones
 # do not pin gigabytes: 256 MiB is 63 buffers of 4 MiB extents, 255 of 64 KiB ones.
+# Extent reads checksum their payload in C as each lands, overlapping the other reads.
+READ_EXTENT = Op.READ | EXTENT_CRC
+assert lib.CTXKV_EXTENT_HEADER_BYTES == EXTENT_HEADER_BYTES
+assert lib.CTXKV_EXTENT_PAYLOAD_BYTES_OFFSET == EXTENT_PAYLOAD_BYTES_OFFSET
+
 DEFAULT_POOL_BYTES = 256 << 20
 MIN_POOL_BUFFERS = 8
 
@@ -443,12 +449,14 @@ class Store:
             for key, view in chunk:
                 value_leases = leases[: self._part_count(len(view))]
                 leases = leases[len(value_leases) :]
-                staged.append((key, value_leases, len(view)))
+                source = ffi.from_buffer(view)
+                crcs = []
                 for part_index, lease in enumerate(value_leases):
                     start = part_index * self.extent_bytes
                     nbytes = min(self.extent_bytes, len(view) - start)
-                    payload = lease.memoryview[EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + nbytes]
-                    payload[:] = view[start : start + nbytes]
+                    payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
+                    crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
+                staged.append((key, value_leases, len(view), crcs))
             assert not leases
             self._commit_staged(staged)
         finally:
@@ -467,7 +475,7 @@ class Store:
         """Stores the bytes written into a lease from reserve() under key; releases it."""
         try:
             self._check_key(key)
-            self._commit_staged([(key, lease._leases, lease.nbytes)])
+            self._commit_staged([(key, lease._leases, lease.nbytes, None)])
         finally:
             lease.release()
 
@@ -495,14 +503,18 @@ class Store:
         if self._closed:
             raise CtxkvError("the store is closed")
 
-    def _commit_staged(self, staged: list[tuple[bytes, list[Lease], int]]) -> None:
+    def _commit_staged(
+        self, staged: list[tuple[bytes, list[Lease], int, list[int] | None]]
+    ) -> None:
+        """Writes staged values (key, buffers holding the payloads, length, payload CRCs
+        if the caller has them) and journals them."""
         if not staged:
             return
         # Allocate and journal-plan under the lock; do the I/O outside it.
         placements = []
         records: list[Record] = []
         with self._lock:
-            for key, leases, nbytes in staged:
+            for key, leases, nbytes, crcs in staged:
                 digest = key_digest(bytes(key))
                 sequence = self._next_sequence
                 self._next_sequence += 1
@@ -515,19 +527,20 @@ class Store:
                         self._state.apply_evict(eviction)
                         records.append(self._evict_record(eviction))
                     parts.append((member, slot))
-                placements.append((key, digest, sequence, nbytes, leases, tuple(parts)))
+                placements.append((key, digest, sequence, nbytes, leases, tuple(parts), crcs))
         try:
             ios = Ring.batch(sum(len(p[4]) for p in placements))
             row = 0
-            for key, digest, sequence, nbytes, leases, parts in placements:
+            for key, digest, sequence, nbytes, leases, parts, crcs in placements:
                 for part_index, (lease, part) in enumerate(zip(leases, parts, strict=True)):
                     payload_bytes = self._payload_bytes(nbytes, part_index)
-                    payload = lease.memoryview[
-                        EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + payload_bytes
-                    ]
+                    if crcs is None:
+                        payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
+                        payload_crc = lib.ctxkv_crc32c(0, payload, payload_bytes)
+                    else:
+                        payload_crc = crcs[part_index]
                     header = ExtentHeader(
-                        self.store_uuid, sequence, nbytes, payload_bytes,
-                        lib.ctxkv_crc32c(0, ffi.from_buffer(payload), payload_bytes),
+                        self.store_uuid, sequence, nbytes, payload_bytes, payload_crc,
                         part_index, len(parts), digest, bytes(key),
                     )  # fmt: skip
                     lease.memoryview[:EXTENT_HEADER_BYTES] = header.pack()
@@ -548,16 +561,16 @@ class Store:
                 self._flush(part[0] for p in placements for part in p[5])
         except BaseException:
             with self._lock:
-                for *_, parts in placements:
+                for *_, parts, _crcs in placements:
                     for member, slot in parts:
                         self._state.logs[member].release(slot)
             raise
-        for _key, digest, sequence, nbytes, _leases, parts in placements:
+        for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
             records.append(Record(RECORD_PUT, digest, sequence, nbytes, parts))
 
         def apply() -> None:
             with self._lock:
-                for _key, digest, sequence, nbytes, _leases, parts in placements:
+                for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
                     self._state.apply_put(digest, sequence, nbytes, parts)
                     self._counters["puts"] += 1
                     self._counters["bytes_put"] += nbytes
@@ -727,15 +740,19 @@ class Store:
                     payload_bytes = self._payload_bytes(located.value_bytes, part_index)
                     read_bytes = EXTENT_HEADER_BYTES + round_up(payload_bytes, BLOCK_BYTES)
                     offset = self._slot_offset(part)
-                    rows.append((offset, lease.address, read_bytes, lease.index, part[0], Op.READ))
+                    rows.append(
+                        (offset, lease.address, read_bytes, lease.index, part[0], READ_EXTENT)
+                    )
+            crcs = []
             if rows:
                 ios = Ring.batch(len(rows))
                 ios[:] = rows
-                self._run(ios)
+                crcs = self._run(ios)["payload_crc32c"].tolist()
             results: list[ValueLease | None] = []
             hits = 0
             for plan, part_leases in zip(plans, per_value, strict=True):
-                verified = self._verify(plan, part_leases) if plan else None
+                part_crcs, crcs = crcs[: len(part_leases)], crcs[len(part_leases) :]
+                verified = self._verify(plan, part_leases, part_crcs) if plan else None
                 if verified is not None:
                     kept.update(lease.index for lease in part_leases)
                     hits += 1
@@ -753,10 +770,12 @@ class Store:
     def _payload_bytes(self, value_bytes: int, part_index: int) -> int:
         return min(self.extent_bytes, value_bytes - part_index * self.extent_bytes)
 
-    def _verify(self, plan: tuple[bytes, bytes, Located], leases: list[Lease]) -> ValueLease | None:
+    def _verify(
+        self, plan: tuple[bytes, bytes, Located], leases: list[Lease], crcs: list[int]
+    ) -> ValueLease | None:
         """Checks every part against its header and checksum; a ValueLease or None."""
         key, digest, located = plan
-        part_bytes, problem = self._inspect(digest, located, leases, key)
+        part_bytes, problem = self._inspect(digest, located, leases, crcs, key)
         if problem is None:
             return ValueLease(leases, part_bytes)
         part, _reason = problem
@@ -768,20 +787,26 @@ class Store:
         return self._reject(digest, part)
 
     def _inspect(
-        self, digest: bytes, located: Located, leases: list[Lease], key: bytes | None
+        self,
+        digest: bytes,
+        located: Located,
+        leases: list[Lease],
+        crcs: list[int],
+        key: bytes | None,
     ) -> tuple[list[int], tuple[Part | None, str] | None]:
         """(payload bytes per part, None) when the value read into leases is intact, else
-        ([], (the bad part or None when the parts disagree, what is wrong)). With key None
-        the header's key is checked against the digest instead."""
+        ([], (the bad part or None when the parts disagree, what is wrong)). crcs are the
+        payload checksums the reads computed (READ_EXTENT). With key None the header's key
+        is checked against the digest instead."""
         sequences = set()
         part_bytes = []
-        for part_index, (lease, part) in enumerate(zip(leases, located.parts, strict=True)):
+        parts = zip(leases, located.parts, crcs, strict=True)
+        for part_index, (lease, part, payload_crc) in enumerate(parts):
             view = lease.memoryview
             try:
                 header = ExtentHeader.unpack(view[:EXTENT_HEADER_BYTES], "extent header")
             except LayoutError as error:
                 return [], (part, str(error))
-            payload = view[EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + header.payload_bytes]
             expected = {
                 "store": (header.store_uuid, self.store_uuid),
                 "key digest": (header.key_digest, digest),
@@ -796,7 +821,7 @@ class Store:
             for what, (found, wanted) in expected.items():
                 if found != wanted:
                     return [], (part, f"{what} in the extent header does not match the index")
-            if lib.ctxkv_crc32c(0, ffi.from_buffer(payload), len(payload)) != header.payload_crc32c:
+            if payload_crc != header.payload_crc32c:
                 return [], (part, "payload fails its crc32c")
             sequences.add(header.sequence)
             part_bytes.append(header.payload_bytes)
@@ -845,10 +870,10 @@ class Store:
                         nbytes,
                         lease.index,
                         part[0],
-                        Op.READ,
+                        READ_EXTENT,
                     )
-                self._run(ios)
-                _sizes, problem = self._inspect(digest, located, leases, key=None)
+                crcs = self._run(ios)["payload_crc32c"].tolist()
+                _sizes, problem = self._inspect(digest, located, leases, crcs, key=None)
             finally:
                 for lease in leases:
                     lease.release()
