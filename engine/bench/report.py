@@ -96,6 +96,16 @@ def describe_comparison(comparison: Comparison) -> str:
             "pages: not like for like. Reserve some (`echo 64 > /proc/sys/vm/nr_hugepages`) "
             "and fio uses mem=shmhuge."
         )
+    if any(
+        run.extra.get("durability") == "strict" and run.direction == "write"
+        for runs in comparison.runs.values()
+        for run in runs
+    ):
+        lines.append(
+            "note: strict store puts are on stable media when they return (two device "
+            "flushes per batch); fio's and the raw path's writes stop in the device's cache. "
+            "bench/store_vs_fio.py also runs fio with end_fsync=1 for the durable comparison."
+        )
     for engine, ratio in summary["ratio_over_fio"].items():
         lines.append(
             f"{engine}/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, "

@@ -20,12 +20,12 @@ import hashlib
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from engine._index import ffi, lib
+from engine.closing import Closeable
 from engine.errors import CtxkvError, native_error
 
 DIGEST_BYTES = 16
@@ -128,7 +128,7 @@ def _u8_pointer(array: np.ndarray) -> Any:
     return ffi.cast("uint8_t *", ffi.from_buffer(array))
 
 
-class HashIndex:
+class HashIndex(Closeable):
     """Digest -> (location, meta) for at most max_keys keys, in memory sized at start-up.
 
     location and meta are opaque to the index, except that lookups may OR bits into meta
@@ -379,14 +379,3 @@ class HashIndex:
     @property
     def closed(self) -> bool:
         return self._index is None
-
-    def __enter__(self) -> HashIndex:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

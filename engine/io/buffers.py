@@ -15,6 +15,7 @@ from types import TracebackType
 import numpy as np
 
 from engine._native import ffi, lib
+from engine.closing import Closeable
 from engine.errors import CtxkvError, MemlockLimitError, PoolExhaustedError
 
 PAGE_BYTES = 4096
@@ -85,7 +86,7 @@ class Lease:
         )
 
 
-class BufferPool:
+class BufferPool(Closeable):
     """A fixed set of equal, page-aligned, locked buffers carved from one arena."""
 
     def __init__(self, buffer_bytes: int = 4 << 20, count: int = 64, *, hugepages: bool = True):
@@ -180,17 +181,6 @@ class BufferPool:
             self._closed = True
             result = lib.ctxkv_arena_unmap(self._arena)
             assert result == 0, result
-
-    def __enter__(self) -> BufferPool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -12,11 +12,11 @@ import enum
 import errno
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 
 import numpy as np
 
 from engine._native import ffi, lib
+from engine.closing import Closeable
 from engine.errors import (
     AlignmentError,
     CtxkvError,
@@ -97,7 +97,7 @@ class Progress:
         self._struct.cancel = 1
 
 
-class Ring:
+class Ring(Closeable):
     """One io_uring, used by the thread that made it (SINGLE_ISSUER lets the kernel skip
     locking and run completions on our thread only when we wait for them)."""
 
@@ -333,17 +333,6 @@ class Ring:
         if self._ring != ffi.NULL:
             lib.ctxkv_ring_free(self._ring)
             self._ring = ffi.NULL
-
-    def __enter__(self) -> Ring:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def monotonic_ns() -> int:

@@ -17,8 +17,8 @@ import stat
 import struct
 import warnings
 from dataclasses import dataclass
-from types import TracebackType
 
+from engine.closing import Closeable
 from engine.errors import (
     AlignmentError,
     DeviceBusyError,
@@ -151,7 +151,7 @@ class Geometry:
         assert isinstance(self.discard_supported, bool), self.discard_supported
 
 
-class Device:
+class Device(Closeable):
     """An open block device or regular file, with every I/O done O_DIRECT.
 
     `exclusive` applies to block devices only (O_EXCL claims the device in the kernel, as a
@@ -313,17 +313,6 @@ class Device:
     def _check_open(self) -> None:
         if self.fd < 0:
             raise ValueError(f"{self.path} is closed")
-
-    def __enter__(self) -> Device:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "fd", -1) >= 0:

@@ -1,5 +1,6 @@
-"""Opening a store's metadata: superblocks (two copies, either may be damaged) and the
-newest valid checkpoint. Journal replay itself is engine.journal.replay."""
+"""Opening a store: its members' superblocks (two copies each, either may be damaged),
+checked to be one store in member order. Checkpoints are engine.store.checkpoint,
+journal replay engine.journal.replay."""
 
 from __future__ import annotations
 
@@ -12,14 +13,7 @@ from engine.errors import CtxkvError
 from engine.io.buffers import aligned_array
 from engine.io.ring import UNREGISTERED_BUFFER, Op, Ring
 from engine.nvme.device import Device
-from engine.store.layout import (
-    BLOCK_BYTES,
-    CHECKPOINT_ENTRY_DTYPE,
-    CheckpointHeader,
-    LayoutError,
-    Superblock,
-    crc32c,
-)
+from engine.store.layout import BLOCK_BYTES, LayoutError, Superblock
 
 RunIos = Callable[[np.ndarray], np.ndarray]
 
@@ -113,69 +107,3 @@ def check_membership(devices: Sequence[Device], superblocks: Sequence[Superblock
                 f"{device.path} is member {superblock.member_index} of store {first.store_uuid}, "
                 f"but was given in position {position}: give targets in member order"
             )
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    slot: int
-    header: CheckpointHeader
-    entries: np.ndarray
-
-
-def read_checkpoint(run_ios: RunIos, superblock: Superblock, slot: int) -> Checkpoint | None:
-    """Checkpoint slot `slot` of member 0; None if never written (zeros), LayoutError if
-    it is not valid."""
-    offset = superblock.checkpoint_offsets[slot]
-    [header_block] = read_blocks(run_ios, 0, [offset])
-    if header_block == bytes(BLOCK_BYTES):
-        return None
-    header = CheckpointHeader.unpack(header_block, f"checkpoint slot {slot}")
-    entry_bytes = header.entry_count * CHECKPOINT_ENTRY_DTYPE.itemsize
-    if BLOCK_BYTES + entry_bytes > superblock.checkpoint_bytes:
-        raise LayoutError(f"checkpoint slot {slot}: {header.entry_count} entries overflow the slot")
-    if entry_bytes == 0:
-        entries = np.zeros(0, CHECKPOINT_ENTRY_DTYPE)
-    else:
-        read_bytes = -(-entry_bytes // BLOCK_BYTES) * BLOCK_BYTES
-        buffer = aligned_array(read_bytes)
-        ios = Ring.batch(1)
-        ios[0] = (
-            offset + BLOCK_BYTES,
-            buffer.ctypes.data,
-            read_bytes,
-            UNREGISTERED_BUFFER,
-            0,
-            Op.READ,
-        )
-        run_ios(ios)
-        raw = buffer[:entry_bytes]
-        if crc32c(raw.tobytes()) != header.entries_crc32c:
-            raise LayoutError(f"checkpoint slot {slot}: entries fail their crc32c")
-        entries = raw.view(CHECKPOINT_ENTRY_DTYPE).copy()
-    if len(header.log_heads) != superblock.member_count:
-        raise LayoutError(
-            f"checkpoint slot {slot}: {len(header.log_heads)} log heads for "
-            f"{superblock.member_count} members"
-        )
-    return Checkpoint(slot, header, entries)
-
-
-def newest_checkpoint(run_ios: RunIos, superblock: Superblock) -> tuple[Checkpoint, list[Damage]]:
-    """The valid checkpoint with the highest generation, and the damaged slots seen."""
-    valid, damage = [], []
-    for slot in (0, 1):
-        try:
-            checkpoint = read_checkpoint(run_ios, superblock, slot)
-        except LayoutError as error:
-            offset = superblock.checkpoint_offsets[slot]
-            damage.append(Damage(f"checkpoint slot {slot}", offset, 0, str(error)))
-            continue
-        if checkpoint is not None:
-            valid.append(checkpoint)
-    if not valid:
-        raise StoreOpenError(
-            "no valid checkpoint in either slot: "
-            + "; ".join(d.problem for d in damage)
-            + " (ctxkv scrub --rebuild-index can rebuild the index from the extents)"
-        )
-    return max(valid, key=lambda checkpoint: checkpoint.header.generation), damage

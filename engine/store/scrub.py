@@ -16,20 +16,20 @@ from engine.index import key_digest
 from engine.io.buffers import aligned_array
 from engine.io.ring import UNREGISTERED_BUFFER, Op, Ring
 from engine.nvme.device import Device
+from engine.store.checkpoint import read_checkpoint, write_checkpoint
 from engine.store.layout import (
     BLOCK_BYTES,
     CHECKPOINT_ENTRY_DTYPE,
     EXTENT_HEADER_BYTES,
     JOURNAL_BLOCK_HEADER,
     JOURNAL_MAGIC,
-    CheckpointHeader,
     ExtentHeader,
     LayoutError,
     Superblock,
     crc32c,
     store_tag,
 )
-from engine.store.recovery import read_checkpoint, read_superblocks
+from engine.store.recovery import read_superblocks
 from engine.store.store import Store
 
 # Called with (what, done, total) as a long step goes on.
@@ -109,32 +109,16 @@ def rebuild_index_from_extents(
                     if checkpoint.header.generation == max(generations):
                         newest_slot = slot
         block_count = first.journal_bytes // BLOCK_BYTES
-        journal_sequence = highest_journal_sequence(run, first) + block_count + 1
-        header = CheckpointHeader(
+        write_checkpoint(
+            run,
+            first,
+            0 if newest_slot is None else 1 - newest_slot,
             generation=max(generations) + 1,
-            journal_sequence=journal_sequence,
+            journal_sequence=highest_journal_sequence(run, first) + block_count + 1,
             next_sequence=int(values["sequence"].max()) + 1 if len(values) else 1,
-            entry_count=len(values),
-            entries_crc32c=crc32c(values.tobytes()) if len(values) else 0,
             log_heads=tuple(heads),
+            entries=values,
         )
-        total = BLOCK_BYTES + -(-values.nbytes // BLOCK_BYTES) * BLOCK_BYTES
-        buffer = aligned_array(total)
-        buffer[:BLOCK_BYTES] = np.frombuffer(header.pack(), np.uint8)
-        buffer[BLOCK_BYTES : BLOCK_BYTES + values.nbytes] = values.view(np.uint8)
-        slot = 0 if newest_slot is None else 1 - newest_slot
-        ios = Ring.batch(2)
-        ios[0] = (
-            first.checkpoint_offsets[slot],
-            buffer.ctypes.data,
-            total,
-            UNREGISTERED_BUFFER,
-            0,
-            Op.WRITE,
-        )
-        ios[1] = (0, 0, 0, UNREGISTERED_BUFFER, 0, Op.FSYNC)
-        run(ios[:1])
-        run(ios[1:])
         return len(np.unique(values["digest"])) if len(values) else 0
 
 

@@ -18,12 +18,14 @@ import numpy as np
 
 from engine._native import ffi, lib
 from engine.alloc.log import Eviction
+from engine.closing import Closeable
 from engine.errors import CtxkvError
 from engine.index import key_digest, key_digests
 from engine.io.buffers import BufferPool, Lease, aligned_array
 from engine.io.ring import EXTENT_CRC, UNREGISTERED_BUFFER, Op, Ring
 from engine.journal.journal import Journal, replay
 from engine.nvme.device import Device
+from engine.store.checkpoint import newest_checkpoint, write_checkpoint
 from engine.store.format import (
     TargetInUseError,
     existing_contents,
@@ -42,15 +44,13 @@ from engine.store.layout import (
     RECORD_PIN,
     RECORD_PUT,
     RECORD_UNPIN,
-    CheckpointHeader,
     ExtentHeader,
     LayoutError,
     Record,
     Superblock,
-    crc32c,
     store_tag,
 )
-from engine.store.recovery import Damage, newest_checkpoint, read_superblocks
+from engine.store.recovery import Damage, read_superblocks
 from engine.store.state import MAX_VALUE_PARTS, Located, Part, StoreState
 
 # The pool is sized in bytes by default, so small extents get many buffers and large ones
@@ -120,7 +120,7 @@ class ValueLease:
         self.release()
 
 
-class Store:
+class Store(Closeable):
     """Use Store.format(...) or Store.open(...); both return an open store."""
 
     def __init__(
@@ -328,17 +328,6 @@ class Store:
             self._rings.clear()
         self._pool.close()
 
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # ---- I/O plumbing ----------------------------------------------------------------------
 
     def _ring(self) -> Ring:
@@ -385,34 +374,17 @@ class Store:
 
     def _write_checkpoint(self) -> None:
         assert self._lock.locked()
-        first = self._superblocks[0]
-        entries = self._state.checkpoint_entries()
-        entry_bytes = entries.nbytes
-        header = CheckpointHeader(
+        slot = 1 - self._checkpoint_slot
+        header = write_checkpoint(
+            self._run,
+            self._superblocks[0],
+            slot,
             generation=self._checkpoint_generation + 1,
             journal_sequence=self._journal.next_sequence,
             next_sequence=self._next_sequence,
-            entry_count=len(entries),
-            entries_crc32c=crc32c(entries.tobytes()) if len(entries) else 0,
             log_heads=tuple(log.head for log in self._state.logs),
+            entries=self._state.checkpoint_entries(),
         )
-        total = BLOCK_BYTES + -(-entry_bytes // BLOCK_BYTES) * BLOCK_BYTES
-        assert total <= first.checkpoint_bytes
-        buffer = aligned_array(total)
-        buffer[:BLOCK_BYTES] = np.frombuffer(header.pack(), np.uint8)
-        buffer[BLOCK_BYTES : BLOCK_BYTES + entry_bytes] = entries.view(np.uint8)
-        slot = 1 - self._checkpoint_slot
-        ios = Ring.batch(1)
-        ios[0] = (
-            first.checkpoint_offsets[slot],
-            buffer.ctypes.data,
-            total,
-            UNREGISTERED_BUFFER,
-            0,
-            Op.WRITE,
-        )
-        self._run(ios)
-        self._flush([0])
         self._checkpoint_slot = slot
         self._checkpoint_generation = header.generation
         self._journal.first_live_sequence = header.journal_sequence
@@ -587,31 +559,19 @@ class Store:
 
     def delete(self, key: bytes) -> bool:
         """Removes key; True if it was there."""
-        self._check_key(key)
-        digest = key_digest(bytes(key))
-        with self._lock:
-            if self._state.locate(digest) is None:
-                return False
-            sequence = self._next_sequence
-            self._next_sequence += 1
-        deleted = []
-
-        def apply() -> None:
-            with self._lock:
-                deleted.append(self._state.apply_delete(digest))
-                self._counters["deletes"] += 1
-
-        self._journal.commit([Record(RECORD_DELETE, digest, sequence)], apply)
-        return deleted[0]
+        return self._journal_key_change(key, RECORD_DELETE, self._state.apply_delete)
 
     def pin(self, key: bytes) -> bool:
         """Keeps key from eviction until unpin; True if the key is present."""
-        return self._set_pin(key, True)
+        return self._journal_key_change(key, RECORD_PIN, lambda d: self._state.apply_pin(d, True))
 
     def unpin(self, key: bytes) -> bool:
-        return self._set_pin(key, False)
+        return self._journal_key_change(
+            key, RECORD_UNPIN, lambda d: self._state.apply_pin(d, False)
+        )
 
-    def _set_pin(self, key: bytes, pinned: bool) -> bool:
+    def _journal_key_change(self, key: bytes, kind: int, change: Callable[[bytes], bool]) -> bool:
+        """Journals a DELETE, PIN or UNPIN of key, then applies it; False if key is absent."""
         self._check_key(key)
         digest = key_digest(bytes(key))
         with self._lock:
@@ -619,16 +579,16 @@ class Store:
                 return False
             sequence = self._next_sequence
             self._next_sequence += 1
-        changed = []
+        outcome = []
 
         def apply() -> None:
             with self._lock:
-                changed.append(self._state.apply_pin(digest, pinned))
+                outcome.append(change(digest))
+                if kind == RECORD_DELETE:
+                    self._counters["deletes"] += 1
 
-        self._journal.commit(
-            [Record(RECORD_PIN if pinned else RECORD_UNPIN, digest, sequence)], apply
-        )
-        return bool(changed[0])
+        self._journal.commit([Record(kind, digest, sequence)], apply)
+        return bool(outcome[0])
 
     # ---- reading ---------------------------------------------------------------------------
 
