@@ -47,6 +47,7 @@ def test_kill_9_loses_no_acknowledged_put(tmp_path):
         file.truncate(1024 * MIB)
     Store.format([target], extent_size=EXTENT).close()
     log_path = tmp_path / "acknowledged.log"
+    log_path.touch()  # a child killed before it opens the log has acknowledged nothing
     rng = random.Random(2026)
     killed_after = []
     for round_index in range(ROUNDS):
