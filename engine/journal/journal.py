@@ -38,22 +38,19 @@ class JournalFailedError(CtxkvError, OSError):
     """A journal write failed; nothing after it can be acknowledged until reopen."""
 
 
-def pack_blocks(records: list[Record], first_sequence: int, tag: bytes) -> list[bytes]:
-    """Records packed greedily into blocks; a record never spans two blocks."""
-    blocks: list[bytes] = []
-    pending: list[bytes] = []
+def group_into_blocks(records: list[Record]) -> list[list[bytes]]:
+    """Packed records, grouped greedily into blocks; a record never spans two blocks."""
+    groups: list[list[bytes]] = [[]]
     used = 0
     for record in records:
         packed = record.pack()
         assert len(packed) <= JOURNAL_PAYLOAD_BYTES
         if used + len(packed) > JOURNAL_PAYLOAD_BYTES:
-            blocks.append(pack_journal_block(first_sequence + len(blocks), tag, pending))
-            pending, used = [], 0
-        pending.append(packed)
+            groups.append([])
+            used = 0
+        groups[-1].append(packed)
         used += len(packed)
-    if pending:
-        blocks.append(pack_journal_block(first_sequence + len(blocks), tag, pending))
-    return blocks
+    return groups if groups[0] else []
 
 
 @dataclass
@@ -130,11 +127,14 @@ class Journal:
     def _lead(self, batch: list[_Waiter]) -> None:
         records = [record for waiter in batch for record in waiter.records]
         try:
-            blocks = pack_blocks(records, 1, self.tag)  # sequences assigned below
-            if self.live_blocks + len(blocks) > self.block_count // 2:
+            groups = group_into_blocks(records)
+            if self.live_blocks + len(groups) > self.block_count // 2:
                 self._make_room()
-            assert self.live_blocks + len(blocks) <= self.block_count, "journal overrun"
-            blocks = pack_blocks(records, self.next_sequence, self.tag)
+            assert self.live_blocks + len(groups) <= self.block_count, "journal overrun"
+            blocks = [
+                pack_journal_block(self.next_sequence + i, self.tag, group)
+                for i, group in enumerate(groups)
+            ]
             self._write(blocks, self.next_sequence)
             self.next_sequence += len(blocks)
             self.blocks_written += len(blocks)

@@ -36,6 +36,13 @@ FLAG_REFERENCED = 1 << 49
 Part = tuple[int, int]  # (member, slot)
 
 
+def digest_words_of(digests: np.ndarray) -> np.ndarray:
+    """(n, 2) (hi, lo) index words of an array of V16 digests, as engine.index's
+    digest_array makes them from bytes, without a Python loop."""
+    words = np.frombuffer(digests.tobytes(), dtype="<u8").reshape(-1, 2)
+    return np.ascontiguousarray(words[:, ::-1])
+
+
 def encode_location(member: int, slot: int) -> int:
     return member << SLOT_BITS | slot
 
@@ -119,19 +126,21 @@ class StoreState:
                 owner = log.digest[slot].tobytes()
                 if owner != digest:
                     self._drop(owner, expected=(member, slot))
-        flags = 0
-        old = self.locate(digest)
+        first_member, first_slot = parts[0]
+        old_multi_parts = self.multi_parts.pop(digest, None)
+        # One index call swaps the value in and hands back the old one (replay runs this
+        # for every PUT record, so a separate lookup first would cost a third of it).
+        old = self.index.put(
+            digest, encode_location(first_member, first_slot), encode_meta(value_bytes, len(parts))
+        )
         if old is not None:
-            flags = FLAG_PINNED if old.pinned else 0
-            self._release(digest, old.parts)
+            old_location, old_meta = old
+            multi = meta_part_count(old_meta) > 1
+            self._release(digest, old_multi_parts if multi else (decode_location(old_location),))
+            if old_meta & FLAG_PINNED:  # a pin belongs to the key, not to one value of it
+                self.index.update_meta_many(digest_array([digest]), 0, FLAG_PINNED)
         for part_index, (member, slot) in enumerate(parts):
             self.logs[member].occupy(slot, digest, sequence, part_index)
-        first_member, first_slot = parts[0]
-        self.index.put(
-            digest,
-            encode_location(first_member, first_slot),
-            encode_meta(value_bytes, len(parts), flags),
-        )
         if len(parts) > 1:
             self.multi_parts[digest] = tuple(parts)
 
@@ -198,9 +207,7 @@ class StoreState:
             chunks.append(entries)
         entries = np.concatenate(chunks) if chunks else np.zeros(0, CHECKPOINT_ENTRY_DTYPE)
         if len(entries):
-            # (hi, lo) words, as engine.index.digest_array makes them, without a Python loop.
-            words = np.frombuffer(entries["digest"].tobytes(), dtype="<u8").reshape(-1, 2)
-            digests = np.ascontiguousarray(words[:, ::-1])
+            digests = digest_words_of(entries["digest"])
             found, _locations, metas = self.index.lookup_many(digests)
             assert found.all(), "a live slot whose value is not in the index"
             entries["value_bytes"] = metas & ((1 << VALUE_BYTES_BITS) - 1)
@@ -209,25 +216,56 @@ class StoreState:
         return entries
 
     def load_checkpoint_entries(self, entries: np.ndarray) -> None:
-        """Rebuilds the state from checkpoint entries (the state must be empty)."""
+        """Rebuilds the state from checkpoint entries (the state must be empty), with
+        numpy over all entries at once: a checkpoint holds one entry per live slot, and
+        a store has millions."""
         assert len(self.index) == 0
-        order = np.lexsort((entries["part_index"], entries["sequence"]))
-        by_value: dict[bytes, list] = {}
-        for entry in entries[order]:
-            by_value.setdefault(entry["digest"].tobytes(), []).append(entry)
-        for digest, parts in by_value.items():
-            first = parts[0]
-            part_indexes = [int(p["part_index"]) for p in parts]
-            if part_indexes != list(range(int(first["part_count"]))):
-                raise ValueError(f"checkpoint: value {digest.hex()} has parts {part_indexes}")
-            self.apply_put(
-                digest,
-                int(first["sequence"]),
-                int(first["value_bytes"]),
-                [(int(p["member"]), int(p["slot"])) for p in parts],
+        if len(entries) == 0:
+            return
+        words = digest_words_of(entries["digest"])
+        order = np.lexsort((entries["part_index"], words[:, 1], words[:, 0]))
+        entries, words = entries[order], words[order]
+        starts = np.flatnonzero(np.any(words[1:] != words[:-1], axis=1)) + 1
+        group_start = np.concatenate(([0], starts))
+        group_size = np.diff(np.concatenate((group_start, [len(entries)])))
+        position = np.arange(len(entries)) - np.repeat(group_start, group_size)
+        first = entries[group_start]
+        consistent = (
+            (entries["part_index"] == position)
+            & (entries["part_count"] == np.repeat(first["part_count"], group_size))
+            & (entries["sequence"] == np.repeat(first["sequence"], group_size))
+            & (first["part_count"] == group_size).repeat(group_size)
+        )
+        if not consistent.all():
+            bad = entries[np.flatnonzero(~consistent)[0]]
+            raise ValueError(
+                f"checkpoint: value {bad['digest'].tobytes().hex()} has inconsistent parts"
             )
-            if int(first["flags"]) & ENTRY_FLAG_PINNED:
-                self.apply_pin(digest, True)
+        slots = entries["member"].astype(np.uint64) << SLOT_BITS | entries["slot"]
+        if len(np.unique(slots)) != len(slots):
+            raise ValueError("checkpoint: a slot belongs to two values")
+        pinned = np.where(first["flags"] & ENTRY_FLAG_PINNED, FLAG_PINNED, 0).astype(np.uint64)
+        metas = (
+            first["value_bytes"]
+            | first["part_count"].astype(np.uint64) << VALUE_BYTES_BITS
+            | pinned
+        )
+        self.index.upsert_many(words[group_start], slots[group_start], metas)
+        for log in self.logs:
+            mine = entries["member"] == log.member
+            slot_numbers = entries["slot"][mine]
+            if len(slot_numbers) and slot_numbers.max() >= log.slot_count:
+                raise ValueError(f"checkpoint: slot {slot_numbers.max()} past member {log.member}")
+            log.state[slot_numbers] = LIVE
+            log.digest[slot_numbers] = entries["digest"][mine]
+            log.sequence[slot_numbers] = entries["sequence"][mine]
+            log.part_index[slot_numbers] = entries["part_index"][mine]
+        for start, size in zip(
+            group_start[group_size > 1], group_size[group_size > 1], strict=True
+        ):
+            group = entries[start : start + size]
+            parts = tuple(zip(group["member"].tolist(), group["slot"].tolist(), strict=True))
+            self.multi_parts[group[0]["digest"].tobytes()] = parts
 
     def counts(self) -> dict[str, int]:
         states = np.concatenate([log.state for log in self.logs])

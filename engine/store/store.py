@@ -8,6 +8,7 @@ verifies header and payload checksums before returning a byte: any mismatch is a
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -53,13 +54,13 @@ from engine.store.layout import (
 from engine.store.recovery import Damage, read_superblocks
 from engine.store.state import MAX_VALUE_PARTS, Located, Part, StoreState
 
-# The pool is sized in bytes by default, so small extents get many buffers and large ones
-# do not pin gigabytes: 256 MiB is 63 buffers of 4 MiB extents, 255 of 64 KiB ones.
 # Extent reads checksum their payload in C as each lands, overlapping the other reads.
 READ_EXTENT = Op.READ | EXTENT_CRC
 assert lib.CTXKV_EXTENT_HEADER_BYTES == EXTENT_HEADER_BYTES
 assert lib.CTXKV_EXTENT_PAYLOAD_BYTES_OFFSET == EXTENT_PAYLOAD_BYTES_OFFSET
 
+# The pool is sized in bytes by default, so small extents get many buffers and large ones
+# do not pin gigabytes: 256 MiB is 63 buffers of 4 MiB extents, 255 of 64 KiB ones.
 DEFAULT_POOL_BYTES = 256 << 20
 MIN_POOL_BUFFERS = 8
 
@@ -69,6 +70,8 @@ MIN_POOL_BUFFERS = 8
 # most that window of puts (a kill -9 forgets nothing: the writes are in the kernel).
 # Either way a read verifies checksums, so a lost write is a miss, never wrong bytes.
 STRICT, RELAXED = "strict", "relaxed"
+
+logger = logging.getLogger("ctxkv.store")
 DEFAULT_FLUSH_INTERVAL_MS = 100
 
 
@@ -87,6 +90,8 @@ class ValueLease:
     @property
     def views(self) -> list[memoryview]:
         """The value's bytes, one view per extent (payloads, headers excluded)."""
+        if not self._leases:
+            raise CtxkvError("the value lease was released; its buffers belong to others")
         return [
             lease.memoryview[EXTENT_HEADER_BYTES : EXTENT_HEADER_BYTES + nbytes]
             for lease, nbytes in zip(self._leases, self.part_bytes, strict=True)
@@ -144,6 +149,9 @@ class Store(Closeable):
         self.extent_bytes = superblocks[0].extent_bytes
         self.slot_bytes = self.extent_bytes + EXTENT_HEADER_BYTES
         self.damage = damage
+        for problem in damage:
+            # The store opens on the good copy; whoever runs it should still hear of this.
+            logger.warning("store %s: damaged %s", self.store_uuid, problem)
         if pool_buffers is None:
             pool_buffers = max(
                 MIN_POOL_BUFFERS, min(MAX_VALUE_PARTS, DEFAULT_POOL_BYTES // self.slot_bytes)
@@ -216,12 +224,12 @@ class Store(Closeable):
                 journal_bytes=journal_bytes,
             )
             write_fresh_store(devices, superblocks)
+            return cls(devices, superblocks, [], pool_buffers=pool_buffers,
+                       durability=durability, flush_interval_ms=flush_interval_ms)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
             raise
-        return cls(devices, superblocks, [], pool_buffers=pool_buffers, durability=durability,
-                   flush_interval_ms=flush_interval_ms)  # fmt: skip
 
     @classmethod
     def open(
@@ -262,6 +270,8 @@ class Store(Closeable):
         """Newest valid checkpoint, then the journal after it; then a fresh checkpoint."""
         first = self._superblocks[0]
         checkpoint, damage = newest_checkpoint(self._run, first)
+        for problem in damage:
+            logger.warning("store %s: damaged %s", self.store_uuid, problem)
         self.damage.extend(damage)
         self._checkpoint_slot = checkpoint.slot
         self._checkpoint_generation = checkpoint.header.generation
