@@ -29,11 +29,13 @@ $(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/build.p
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The main job: a store on a file-backed target, put and get workloads of 4 MiB values
-# through it, side by side with ctxkv's raw path and fio on the same file, then a scrub.
+# The main job: `ctxkv demo` formats a store on a file, serves it, runs a KV workload
+# through the client and prints it; then put and get workloads of 4 MiB values through
+# the store, side by side with ctxkv's raw path and fio on the same file, then a scrub.
 # 64 hugepages are reserved for the run (and given back) so fio's buffers are hugepage
 # backed like ctxkv's; without them fio is 2-4x slower here and the ratios mean nothing.
 demo: setup
+	$(BIN)/ctxkv demo --dir $(DEMO_DIR)
 	mkdir -p $(DEMO_DIR)
 	test -f $(DEMO_TARGET) || truncate -s 1G $(DEMO_TARGET)
 	before=$$(cat /proc/sys/vm/nr_hugepages); \

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine import __version__
-from engine.cli import bench, store
+from engine.cli import bench, demo, serve, store
 from engine.errors import CtxkvError
 
 EXIT_USAGE = 2
@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctxkv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store.add_parsers(commands)
+    serve.add_parser(commands)
+    demo.add_parser(commands)
     bench.add_parser(commands)
     return parser
 

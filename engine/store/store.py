@@ -461,6 +461,22 @@ class Store(Closeable):
         finally:
             lease.release()
 
+    @property
+    def pool_buffers(self) -> int:
+        """Extent buffers in the pool: what all puts and reads in flight share."""
+        return self._pool.count
+
+    def parts_for(self, nbytes: int) -> int:
+        """Extents (and pool buffers) a value of nbytes takes; ValueTooLargeError if too many."""
+        return self._part_count(nbytes)
+
+    def parts_of(self, key: bytes) -> int | None:
+        """Extents the value of key takes now, or None when absent."""
+        self._check_key(key)
+        with self._lock:
+            located = self._state.locate(key_digest(bytes(key)))
+        return None if located is None else len(located.parts)
+
     def _part_count(self, nbytes: int) -> int:
         """Extents a value of nbytes takes; ValueTooLargeError past what one put can hold."""
         part_count = max(1, -(-nbytes // self.extent_bytes))

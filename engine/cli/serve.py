@@ -1,0 +1,63 @@
+"""`ctxkv serve`: the store behind a TCP server until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from engine.client.client import parse_address
+from engine.server.server import Server
+from engine.store.store import RELAXED, STRICT, Store
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="serve a store over TCP (see docs/protocol.md)")
+    parser.add_argument("targets", nargs="+", metavar="TARGET")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:7420", help="HOST:PORT (default 127.0.0.1:7420; port 0: any)"
+    )
+    parser.add_argument("--token-file", help="clients must prove they know this file's token")
+    parser.add_argument("--durability", choices=[STRICT, RELAXED], default=STRICT)
+    parser.add_argument("--max-connections", type=int, default=256)
+    parser.add_argument(
+        "--pool-buffers",
+        type=int,
+        default=None,
+        help="extent buffers in the pool: bounds memory and the largest value (default ~256 MiB)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(arguments: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host, port = parse_address(arguments.listen)
+    token = None
+    if arguments.token_file:
+        with open(arguments.token_file, "rb") as file:
+            token = file.read().strip()
+        if not token:
+            raise ValueError(f"{arguments.token_file} holds no token")
+    with Store.open(
+        arguments.targets, durability=arguments.durability, pool_buffers=arguments.pool_buffers
+    ) as store:
+        server = Server(store, host, port, token=token, max_connections=arguments.max_connections)
+        asyncio.run(_serve_until_signal(server))
+    # Leaving the with block checkpointed the store: the next open replays nothing.
+    print("ctxkv serve: stopped cleanly", file=sys.stderr)
+    return 0
+
+
+async def _serve_until_signal(server: Server) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    await server.serve(stop, ready=_announce)
+
+
+def _announce(host: str, port: int) -> None:
+    # On stdout, one line, so a supervisor (or a test) that asked for port 0 learns it.
+    print(f"ctxkv serve: listening on {host}:{port}", flush=True)

@@ -1,0 +1,190 @@
+"""A client of `ctxkv serve`, with the Store's method names (docs/protocol.md).
+
+Errors say whose fault they are: RequestError (this request was refused: too large,
+malformed), ServerError (the store failed), AuthenticationError (wrong or missing
+token), and OSError subclasses for the network (ConnectionError, TimeoutError).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+from collections.abc import Sequence
+
+from engine.closing import Closeable
+from engine.errors import CtxkvError
+from engine.server.protocol import (
+    COUNT,
+    HEADER,
+    HELLO,
+    HELLO_MAGIC,
+    PROTOCOL_VERSION,
+    Header,
+    Opcode,
+    Status,
+    pack_key,
+    pack_keys,
+    proof,
+)
+
+DEFAULT_TIMEOUT_S = 30.0
+FLAG_TOKEN_REQUIRED = 1
+MAX_RESPONSE_BODY_BYTES = 1 << 40  # a response is bounded by what was put, not by us
+
+
+class RequestError(CtxkvError, ValueError):
+    """The server refused this request (too large, malformed); the server is fine."""
+
+
+class ServerError(CtxkvError, RuntimeError):
+    """The server's store failed the request."""
+
+
+class AuthenticationError(CtxkvError, PermissionError):
+    """The server wants a token this client did not prove."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+class Client(Closeable):
+    """One connection; not for concurrent use from several threads (make one each)."""
+
+    def __init__(
+        self, address: str, *, token: str | bytes | None = None, timeout: float = DEFAULT_TIMEOUT_S
+    ):
+        host, port = parse_address(address)
+        self._socket = socket.create_connection((host, port), timeout=timeout)
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._ids = itertools.count(1)
+        try:
+            self._hello(token.encode() if isinstance(token, str) else token)
+        except BaseException:
+            self._socket.close()
+            raise
+
+    def _hello(self, token: bytes | None) -> None:
+        magic, version, flags, nonce = HELLO.unpack(self._recv(HELLO.size))
+        if magic != HELLO_MAGIC:
+            raise ConnectionError("the peer is not a ctxkv server")
+        if flags & FLAG_TOKEN_REQUIRED and not token:
+            raise AuthenticationError("the server requires a token")
+        answer = proof(token, nonce) if token else bytes(32)
+        self._socket.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, answer))
+        header, body = self._read_response()
+        if header.status == Status.UNAUTHORIZED:
+            raise AuthenticationError(f"the server refused the token: {body.decode()}")
+        self._check(header, body)
+        del version
+
+    # ---- the Store's methods -------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> None:
+        view = memoryview(value).cast("B")
+        body_head = pack_key(key)
+        header = Header(Opcode.PUT, 0, next(self._ids), len(body_head) + len(view))
+        self._socket.sendall(header.pack() + body_head)
+        self._socket.sendall(view)
+        self._check(*self._read_response())
+
+    def get(self, key: bytes) -> bytes | None:
+        header, body = self._request(Opcode.GET, pack_key(key))
+        return None if header.status == Status.NOT_FOUND else body
+
+    def get_into(self, key: bytes, buffer: bytearray | memoryview) -> int | None:
+        value = self.get(key)
+        if value is None:
+            return None
+        target = memoryview(buffer).cast("B")
+        if len(target) < len(value):
+            raise ValueError(f"buffer of {len(target)} bytes is too small for {len(value)}")
+        target[: len(value)] = value
+        return len(value)
+
+    def delete(self, key: bytes) -> bool:
+        header, _body = self._request(Opcode.DELETE, pack_key(key))
+        return header.status == Status.OK
+
+    def contains(self, key: bytes) -> bool:
+        _header, body = self._request(Opcode.CONTAINS, pack_key(key))
+        return body == b"\x01"
+
+    __contains__ = contains
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        for key, value in items:
+            self.put(key, value)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Pipelined: every request is sent before the first response is read."""
+        ids = []
+        for key in keys:
+            body = pack_key(key)
+            header = Header(Opcode.GET, 0, next(self._ids), len(body))
+            self._socket.sendall(header.pack() + body)
+            ids.append(header.request_id)
+        values = []
+        for request_id in ids:
+            header, body = self._read_response()
+            if header.request_id != request_id:
+                raise ConnectionError(
+                    f"response {header.request_id} out of order, wanted {request_id}"
+                )
+            if header.status == Status.NOT_FOUND:
+                values.append(None)
+            else:
+                self._check(header, body)
+                values.append(body)
+        return values
+
+    def longest_prefix(self, keys: Sequence[bytes]) -> int:
+        _header, body = self._request(Opcode.LONGEST_PREFIX, pack_keys(list(keys)))
+        return COUNT.unpack(body)[0]
+
+    def stats(self) -> dict:
+        _header, body = self._request(Opcode.STATS, b"")
+        return json.loads(body)
+
+    def close(self) -> None:
+        self._socket.close()
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def _request(self, opcode: Opcode, body: bytes) -> tuple[Header, bytes]:
+        header = Header(opcode, 0, next(self._ids), len(body))
+        self._socket.sendall(header.pack() + body)
+        response, response_body = self._read_response()
+        if response.request_id != header.request_id:
+            raise ConnectionError(f"response {response.request_id} to request {header.request_id}")
+        if response.status != Status.NOT_FOUND:
+            self._check(response, response_body)
+        return response, response_body
+
+    def _read_response(self) -> tuple[Header, bytes]:
+        header = Header.unpack(self._recv(HEADER.size), MAX_RESPONSE_BODY_BYTES)
+        return header, self._recv(header.body_bytes)
+
+    def _check(self, header: Header, body: bytes) -> None:
+        if header.status == Status.OK:
+            return
+        message = body.decode(errors="replace")
+        if header.status in (Status.BAD_REQUEST, Status.TOO_LARGE):
+            raise RequestError(message)
+        if header.status == Status.UNAUTHORIZED:
+            raise AuthenticationError(message)
+        raise ServerError(message or f"status {header.status}")
+
+    def _recv(self, nbytes: int) -> bytes:
+        buffer = bytearray(nbytes)
+        view, received = memoryview(buffer), 0
+        while received < nbytes:
+            count = self._socket.recv_into(view[received:])
+            if count == 0:
+                raise ConnectionError("the server closed the connection")
+            received += count
+        return bytes(buffer)

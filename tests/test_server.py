@@ -1,0 +1,204 @@
+"""`ctxkv serve` and its client over 127.0.0.1: identical values, concurrent clients,
+tokens, hostile bytes, and a clean SIGTERM. The server runs as a real subprocess."""
+
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from engine.client.client import AuthenticationError, Client, RequestError
+from engine.server.protocol import HEADER, HELLO, HELLO_MAGIC, PROTOCOL_VERSION, Header, Opcode
+from engine.store.store import Store
+
+MIB = 1 << 20
+EXTENT = 1 * MIB
+CTXKV = [sys.executable, "-m", "engine.cli.main"]
+
+
+class Served:
+    def __init__(self, target: str, process: subprocess.Popen, address: str):
+        self.target, self.process, self.address = target, process, address
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Factory: serve(token=None) formats a file-backed store and serves it on a free port."""
+    started: list[Served] = []
+
+    def start(token: bytes | None = None) -> Served:
+        target = str(tmp_path / f"store-{len(started)}.img")
+        with open(target, "wb") as file:
+            file.truncate(1024 * MIB)  # ~1000 extents: the 200 values never wrap the log
+        Store.format([target], extent_size=EXTENT, pool_buffers=8).close()
+        command = [*CTXKV, "serve", target, "--listen", "127.0.0.1:0", "--pool-buffers", "8"]
+        if token is not None:
+            token_file = tmp_path / f"token-{len(started)}"
+            token_file.write_bytes(token)
+            command += ["--token-file", str(token_file)]
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        line = process.stdout.readline()
+        if "listening on" not in line:
+            process.kill()
+            pytest.fail(f"ctxkv serve did not start: {line!r} {process.stderr.read()[-2000:]}")
+        served = Served(target, process, line.rsplit(" ", 1)[1].strip())
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+def value_of(seed: int) -> bytes:
+    rng = random.Random(seed)
+    return rng.randbytes(rng.choice([1, 100, 4096, 65537, EXTENT - 1, EXTENT, 2 * EXTENT + 7]))
+
+
+def test_values_round_trip_through_the_server(serve):
+    served = serve()
+    with Client(served.address) as client:
+        keys = [f"value-{i}".encode() for i in range(200)]
+        for i, key in enumerate(keys):
+            client.put(key, value_of(i))
+        for i, key in enumerate(keys):
+            assert client.get(key) == value_of(i), key
+        expected = [value_of(i) for i in range(5)]
+        assert client.get_many([*keys[:5], b"absent"]) == [*expected, None]
+        assert client.contains(keys[0]) and not client.contains(b"absent")
+        assert client.longest_prefix([keys[0], keys[1], b"absent", keys[2]]) == 2
+        assert client.delete(keys[0]) and not client.delete(keys[0])
+        assert client.get(keys[0]) is None
+        buffer = bytearray(3 * EXTENT)
+        assert client.get_into(keys[1], buffer) == len(value_of(1))
+        stats = client.stats()
+        assert stats["keys"] == 199 and stats["server"]["connections"] == 1
+    assert served.stop() == 0
+    with Store.open([served.target]) as store:  # SIGTERM checkpointed: nothing to replay
+        assert store.replayed_records == 0
+        assert store.get(keys[7]) == value_of(7)
+
+
+def test_many_concurrent_clients_see_no_errors(serve):
+    served = serve()
+    errors = []
+
+    def worker(index: int) -> None:
+        try:
+            with Client(served.address) as client:
+                for round_index in range(10):
+                    key = f"client-{index}-{round_index}".encode()
+                    value = value_of(index * 100 + round_index)
+                    client.put(key, value)
+                    assert client.get(key) == value
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    with Client(served.address) as client:
+        assert client.stats()["keys"] == 320
+
+
+def test_tokens_are_proved_not_sent(serve):
+    served = serve(token=b"s3cret-token")
+    with pytest.raises(AuthenticationError, match="requires a token"):
+        Client(served.address)
+    with pytest.raises(AuthenticationError, match="refused the token"):
+        Client(served.address, token="wrong")
+    with Client(served.address, token="s3cret-token") as client:
+        client.put(b"k", b"v")
+        assert client.get(b"k") == b"v"
+
+
+def test_a_value_too_large_is_refused_and_the_connection_goes_on(serve):
+    served = serve()
+    with Client(served.address) as client:
+        with pytest.raises(RequestError, match="needs 9 extents"):
+            client.put(b"huge", bytes(9 * EXTENT))  # the pool holds 8 buffers
+        client.put(b"small", b"ok")
+        assert client.get(b"small") == b"ok"
+
+
+def raw_connection(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.recv(HELLO.size, socket.MSG_WAITALL)
+    return connection
+
+
+def test_hostile_bytes_leave_the_server_serving(serve):
+    served = serve()
+    rng = random.Random(5)
+    for attempt in range(300):
+        connection = raw_connection(served.address)
+        try:
+            kind = attempt % 5
+            if kind == 0:  # garbage instead of a hello
+                connection.sendall(rng.randbytes(rng.randint(1, 200)))
+            elif kind == 1:  # a good hello, then garbage frames
+                connection.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, bytes(32)))
+                connection.sendall(rng.randbytes(rng.randint(1, 500)))
+            elif kind == 2:  # a header whose length lies far beyond any limit
+                connection.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, bytes(32)))
+                connection.sendall(Header(Opcode.PUT, 0, 1, 0xFFFF_FFFF).pack())
+            elif kind == 3:  # a PUT whose payload stops halfway, then a hang-up
+                connection.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, bytes(32)))
+                body = struct.pack("<H", 1) + b"k"
+                connection.sendall(Header(Opcode.PUT, 0, 1, len(body) + 100_000).pack() + body)
+                connection.sendall(bytes(5000))
+            else:  # a wrong protocol version
+                connection.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION + 7, 0, bytes(32)))
+        finally:
+            connection.close()
+    with Client(served.address) as client:
+        client.put(b"still", b"here")
+        assert client.get(b"still") == b"here"
+        server_counters = client.stats()["server"]
+        assert server_counters["protocol_errors"] >= 100
+        assert client.stats()["slots_live"] == 1  # no torn PUT became a value
+    assert served.stop() == 0
+
+
+def test_unknown_opcode_is_a_bad_request(serve):
+    served = serve()
+    connection = raw_connection(served.address)
+    connection.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, bytes(32)))
+    ok = connection.recv(HEADER.size, socket.MSG_WAITALL)
+    assert Header.unpack(ok, 0).status == 0
+    connection.sendall(Header(99, 0, 7, 0).pack())
+    response = Header.unpack(connection.recv(HEADER.size, socket.MSG_WAITALL), 1 << 20)
+    assert response.status == 2  # BAD_REQUEST
+    assert b"unknown opcode 99" in connection.recv(response.body_bytes, socket.MSG_WAITALL)
+    connection.close()
+
+
+def test_demo_formats_serves_runs_and_stops_cleanly(tmp_path):
+    completed = subprocess.run(
+        [*CTXKV, "demo", "--dir", str(tmp_path), "--size", "128M", "--chunks", "6"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "6 identical, 0 wrong" in completed.stdout
+    assert "longest_prefix of 7 keys: 6 present" in completed.stdout
+    assert "exit code 0" in completed.stdout
