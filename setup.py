@@ -10,7 +10,13 @@ setup(
     cffi_modules=["native/build.py:ffibuilder", "native/index_build.py:ffibuilder"],
     install_requires=["cffi>=1.16", "numpy>=1.26"],
     extras_require={
-        "test": ["pytest>=8", "crc32c>=2.4", "hypothesis>=6", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "crc32c>=2.4",
+            "hypothesis>=6",
+            "ruff>=0.6",
+            "prometheus_client>=0.17",
+        ],
     },
     entry_points={"console_scripts": ["ctxkv = engine.cli.main:main"]},
 )

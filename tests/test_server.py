@@ -8,8 +8,11 @@ import struct
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client.client import AuthenticationError, Client, RequestError
 from engine.server.protocol import HEADER, HELLO, HELLO_MAGIC, PROTOCOL_VERSION, Header, Opcode
@@ -23,6 +26,7 @@ CTXKV = [sys.executable, "-m", "engine.cli.main"]
 class Served:
     def __init__(self, target: str, process: subprocess.Popen, address: str):
         self.target, self.process, self.address = target, process, address
+        self.metrics_url = ""
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -40,7 +44,7 @@ def serve(tmp_path):
     """Factory: serve(token=None) formats a file-backed store and serves it on a free port."""
     started: list[Served] = []
 
-    def start(token: bytes | None = None) -> Served:
+    def start(token: bytes | None = None, metrics: bool = False) -> Served:
         target = str(tmp_path / f"store-{len(started)}.img")
         with open(target, "wb") as file:
             file.truncate(1024 * MIB)  # ~1000 extents: the 200 values never wrap the log
@@ -50,6 +54,8 @@ def serve(tmp_path):
             token_file = tmp_path / f"token-{len(started)}"
             token_file.write_bytes(token)
             command += ["--token-file", str(token_file)]
+        if metrics:
+            command += ["--metrics", "127.0.0.1:0"]
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -58,6 +64,8 @@ def serve(tmp_path):
             process.kill()
             pytest.fail(f"ctxkv serve did not start: {line!r} {process.stderr.read()[-2000:]}")
         served = Served(target, process, line.rsplit(" ", 1)[1].strip())
+        if metrics:
+            served.metrics_url = process.stdout.readline().rsplit(" ", 1)[1].strip()
         started.append(served)
         return served
 
@@ -202,3 +210,31 @@ def test_demo_formats_serves_runs_and_stops_cleanly(tmp_path):
     assert "6 identical, 0 wrong" in completed.stdout
     assert "longest_prefix of 7 keys: 6 present" in completed.stdout
     assert "exit code 0" in completed.stdout
+
+
+def test_metrics_scrape_parses_and_counts_what_happened(serve):
+    served = serve(metrics=True)
+    with Client(served.address) as client:
+        for i in range(5):
+            client.put(f"m{i}".encode(), b"x" * 1000)
+        client.get(b"m1")
+        client.get(b"absent")
+    with urllib.request.urlopen(served.metrics_url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    requests = {
+        (s.labels["op"], s.labels["status"]): s.value for s in families["ctxkv_requests"].samples
+    }
+    assert requests[("put", "ok")] == 5
+    assert requests[("get", "ok")] == 1 and requests[("get", "not_found")] == 1
+    histogram = families["ctxkv_request_duration_seconds"]
+    counts = {s.labels["op"]: s.value for s in histogram.samples if s.name.endswith("_count")}
+    assert counts["put"] == 5
+    assert families["ctxkv_store_keys"].samples[0].value == 5
+    assert families["ctxkv_store_hits"].samples[0].value == 1
+    assert families["ctxkv_store_misses"].samples[0].value == 1
+    assert families["ctxkv_connections_active"].samples[0].value == 0
+    not_found = urllib.request.Request(served.metrics_url.replace("/metrics", "/other"))
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(not_found, timeout=10)

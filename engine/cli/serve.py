@@ -19,6 +19,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--listen", default="127.0.0.1:7420", help="HOST:PORT (default 127.0.0.1:7420; port 0: any)"
     )
+    parser.add_argument(
+        "--metrics", help="HOST:PORT to serve Prometheus /metrics on (e.g. 127.0.0.1:9420)"
+    )
     parser.add_argument("--token-file", help="clients must prove they know this file's token")
     parser.add_argument("--durability", choices=[STRICT, RELAXED], default=STRICT)
     parser.add_argument("--max-connections", type=int, default=256)
@@ -44,20 +47,27 @@ def run(arguments: argparse.Namespace) -> int:
         arguments.targets, durability=arguments.durability, pool_buffers=arguments.pool_buffers
     ) as store:
         server = Server(store, host, port, token=token, max_connections=arguments.max_connections)
-        asyncio.run(_serve_until_signal(server))
+        metrics = parse_address(arguments.metrics) if arguments.metrics else None
+        asyncio.run(_serve_until_signal(server, metrics))
     # Leaving the with block checkpointed the store: the next open replays nothing.
     print("ctxkv serve: stopped cleanly", file=sys.stderr)
     return 0
 
 
-async def _serve_until_signal(server: Server) -> None:
+async def _serve_until_signal(server: Server, metrics: tuple[str, int] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
-    await server.serve(stop, ready=_announce)
+    await server.serve(
+        stop, ready=_announce, metrics_address=metrics, metrics_ready=_announce_metrics
+    )
 
 
 def _announce(host: str, port: int) -> None:
     # On stdout, one line, so a supervisor (or a test) that asked for port 0 learns it.
     print(f"ctxkv serve: listening on {host}:{port}", flush=True)
+
+
+def _announce_metrics(host: str, port: int) -> None:
+    print(f"ctxkv serve: metrics on http://{host}:{port}/metrics", flush=True)

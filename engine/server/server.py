@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from engine.server.metrics import Metrics, serve_metrics
 from engine.server.protocol import (
     COUNT,
     DEFAULT_MAX_BATCH_KEYS,
@@ -96,16 +98,27 @@ class Server:
         self._executor = ThreadPoolExecutor(worker_threads, thread_name_prefix="ctxkv-store")
         self._credits = BufferCredits(store.pool_buffers)
         self._connections: set[asyncio.Task] = set()
+        self._busy: set[asyncio.Task] = set()  # connections in the middle of a request
         self._listener: socket.socket | None = None
-        self.counters = {"connections": 0, "requests": 0, "protocol_errors": 0, "refused": 0}
+        self.metrics = Metrics()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def serve(
-        self, stop: asyncio.Event, ready: Callable[[str, int], None] | None = None
+        self,
+        stop: asyncio.Event,
+        ready: Callable[[str, int], None] | None = None,
+        metrics_address: tuple[str, int] | None = None,
+        metrics_ready: Callable[[str, int], None] | None = None,
     ) -> None:
-        """Accepts clients until stop is set, then drains the connections in flight.
-        ready(host, port) is called once the socket listens."""
+        """Accepts clients until stop is set, then finishes the requests in flight.
+        ready(host, port) is called once the socket listens; with metrics_address, /metrics
+        is served there too."""
+        exporter = None
+        if metrics_address is not None:
+            exporter = asyncio.create_task(
+                serve_metrics(*metrics_address, self.render_metrics, stop, metrics_ready)
+            )
         listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=128)
         listener.setblocking(False)
         self._listener = listener
@@ -119,18 +132,30 @@ class Server:
         with contextlib.suppress(asyncio.CancelledError):
             await accepting
         listener.close()
-        if self._connections:
-            await asyncio.wait(self._connections, timeout=30)
-        for task in self._connections:
+        # Idle connections (waiting for a next request) go now; busy ones finish first.
+        for task in self._connections - self._busy:
             task.cancel()
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=30)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=5)
+        if exporter is not None:
+            await exporter
         self._executor.shutdown(wait=True)
+
+    def render_metrics(self) -> str:
+        return self.metrics.render(
+            self.store.stats(), self.store.pool_leased, self.store.pool_buffers
+        )
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             connection, _address = await loop.sock_accept(listener)
             if len(self._connections) >= self.max_connections:
-                self.counters["refused"] += 1
+                self.metrics.connections_refused += 1
                 connection.close()
                 continue
             connection.setblocking(False)
@@ -142,24 +167,33 @@ class Server:
     # ---- one connection --------------------------------------------------------------------
 
     async def _serve_connection(self, connection: socket.socket) -> None:
-        self.counters["connections"] += 1
+        metrics = self.metrics
+        metrics.connections_total += 1
+        metrics.connections_active += 1
+        task = asyncio.current_task()
         try:
             if await asyncio.wait_for(self._handshake(connection), HANDSHAKE_TIMEOUT_S):
                 while True:
-                    header = Header.unpack(
-                        await self._recv(connection, HEADER.size), self.max_body_bytes
-                    )
-                    self.counters["requests"] += 1
-                    await self._dispatch(connection, header)
-        except (TimeoutError, PeerClosed, ConnectionError):
+                    raw = await self._recv(connection, HEADER.size)
+                    self._busy.add(task)
+                    header = Header.unpack(raw, self.max_body_bytes)
+                    metrics.bytes_received += HEADER.size + header.body_bytes
+                    started = time.monotonic()
+                    status = await self._dispatch(connection, header)
+                    operation = Opcode(header.opcode).name.lower()
+                    metrics.observe(operation, status.name.lower(), time.monotonic() - started)
+                    self._busy.discard(task)
+        except (TimeoutError, PeerClosed, ConnectionError, asyncio.CancelledError):
             pass
         except ProtocolError as error:
-            self.counters["protocol_errors"] += 1
+            metrics.protocol_errors += 1
             with contextlib.suppress(OSError):
                 await self._respond(connection, 0, Status.BAD_REQUEST, 0, str(error).encode())
         except Exception:
             logger.exception("connection failed")
         finally:
+            self._busy.discard(task)
+            metrics.connections_active -= 1
             connection.close()
 
     async def _handshake(self, connection: socket.socket) -> bool:
@@ -184,39 +218,46 @@ class Server:
         await self._respond(connection, 0, Status.OK, 0)
         return True
 
-    async def _dispatch(self, connection: socket.socket, header: Header) -> None:
+    async def _dispatch(self, connection: socket.socket, header: Header) -> Status:
+        """Answers one request; returns the status it answered with."""
         loop = asyncio.get_running_loop()
         store, run = self.store, self._executor
         request_id = header.request_id
 
-        def reply(status: Status, body: bytes = b"") -> Coroutine[None, None, None]:
-            return self._respond(connection, header.opcode, status, request_id, body)
+        async def reply(status: Status, body: bytes = b"") -> Status:
+            await self._respond(connection, header.opcode, status, request_id, body)
+            return status
 
         if header.opcode == Opcode.PUT:
-            await self._put(connection, header)
-            return
+            return await self._put(connection, header)
         body = await self._recv(connection, header.body_bytes)
         if header.opcode == Opcode.GET:
-            await self._get(connection, header, body)
+            return await self._get(connection, header, body)
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
             key = _whole_key(body)
             call = store.delete if header.opcode == Opcode.DELETE else store.__contains__
             present = await loop.run_in_executor(run, call, key)
             if header.opcode == Opcode.CONTAINS:
-                await reply(Status.OK, bytes([int(present)]))
+                return await reply(Status.OK, bytes([int(present)]))
             else:
-                await reply(Status.OK if present else Status.NOT_FOUND)
+                return await reply(Status.OK if present else Status.NOT_FOUND)
         elif header.opcode == Opcode.LONGEST_PREFIX:
             keys = unpack_keys(body, DEFAULT_MAX_BATCH_KEYS)
             count = await loop.run_in_executor(run, store.longest_prefix, keys)
-            await reply(Status.OK, COUNT.pack(count))
+            return await reply(Status.OK, COUNT.pack(count))
         elif header.opcode == Opcode.STATS:
             stats = await loop.run_in_executor(run, store.stats)
-            await reply(Status.OK, json.dumps({**stats, "server": self.counters}).encode())
+            server = {
+                "connections": self.metrics.connections_total,
+                "requests": sum(self.metrics.requests.values()),
+                "protocol_errors": self.metrics.protocol_errors,
+                "refused": self.metrics.connections_refused,
+            }
+            return await reply(Status.OK, json.dumps({**stats, "server": server}).encode())
         else:
             raise ProtocolError(f"unknown opcode {header.opcode}")
 
-    async def _put(self, connection: socket.socket, header: Header) -> None:
+    async def _put(self, connection: socket.socket, header: Header) -> Status:
         """PUT: the key, then the value received straight into reserved pool buffers."""
         loop = asyncio.get_running_loop()
         if header.body_bytes < KEY_LENGTH.size:
@@ -238,7 +279,7 @@ class Server:
             await self._respond(
                 connection, Opcode.PUT, Status.TOO_LARGE, header.request_id, message
             )
-            return
+            return Status.TOO_LARGE
         async with self._credits.hold(parts):
             lease = await loop.run_in_executor(self._executor, self.store.reserve, value_bytes)
             try:
@@ -254,24 +295,26 @@ class Server:
                 logger.warning("put of %r failed: %s", key, error)
                 status, message = Status.SERVER_ERROR, str(error).encode()
         await self._respond(connection, Opcode.PUT, status, header.request_id, message)
+        return status
 
-    async def _get(self, connection: socket.socket, header: Header, body: bytes) -> None:
+    async def _get(self, connection: socket.socket, header: Header, body: bytes) -> Status:
         """GET: the value sent straight from the pool buffers it was read into."""
         loop = asyncio.get_running_loop()
         key = _whole_key(body)
-        parts = self.store.parts_of(key)
-        lease = None
-        if parts is not None:
-            async with self._credits.hold(parts):
-                lease = await loop.run_in_executor(self._executor, self.store.read, key)
-                if lease is not None:
-                    with lease:
-                        head = Header(Opcode.GET, Status.OK, header.request_id, lease.nbytes)
-                        await loop.sock_sendall(connection, head.pack())
-                        for view in lease.views:
-                            await loop.sock_sendall(connection, view)
-        if lease is None:
-            await self._respond(connection, Opcode.GET, Status.NOT_FOUND, header.request_id)
+        # An absent key still goes through store.read, so the store counts the miss.
+        parts = self.store.parts_of(key) or 1
+        async with self._credits.hold(parts):
+            lease = await loop.run_in_executor(self._executor, self.store.read, key)
+            if lease is not None:
+                with lease:
+                    head = Header(Opcode.GET, Status.OK, header.request_id, lease.nbytes)
+                    await loop.sock_sendall(connection, head.pack())
+                    for view in lease.views:
+                        await loop.sock_sendall(connection, view)
+                    self.metrics.bytes_sent += HEADER.size + lease.nbytes
+                return Status.OK
+        await self._respond(connection, Opcode.GET, Status.NOT_FOUND, header.request_id)
+        return Status.NOT_FOUND
 
     # ---- socket plumbing -------------------------------------------------------------------
 
@@ -282,6 +325,7 @@ class Server:
         loop = asyncio.get_running_loop()
         header = Header(opcode, status, request_id, len(body))
         await loop.sock_sendall(connection, header.pack() + body)
+        self.metrics.bytes_sent += HEADER.size + len(body)
 
     async def _recv(self, connection: socket.socket, nbytes: int) -> bytes:
         buffer = bytearray(nbytes)

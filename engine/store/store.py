@@ -462,6 +462,11 @@ class Store(Closeable):
             lease.release()
 
     @property
+    def pool_leased(self) -> int:
+        """Pool buffers lent out now (to puts, reads and callers' leases)."""
+        return self._pool.leased
+
+    @property
     def pool_buffers(self) -> int:
         """Extent buffers in the pool: what all puts and reads in flight share."""
         return self._pool.count
