@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import struct
 from collections.abc import Sequence
 
 from engine.closing import Closeable
@@ -61,6 +62,13 @@ class Client(Closeable):
         host, port = parse_address(address)
         self._socket = socket.create_connection((host, port), timeout=timeout)
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Timeouts in the kernel rather than Python's: a Python timeout makes the socket
+        # non-blocking, and then MSG_WAITALL stops at whatever has arrived.
+        self._socket.settimeout(None)
+        seconds = int(timeout)
+        timeval = struct.pack("@ll", seconds, int((timeout - seconds) * 1e6))
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._ids = itertools.count(1)
         try:
             self._hello(token.encode() if isinstance(token, str) else token)
@@ -97,14 +105,25 @@ class Client(Closeable):
         return None if header.status == Status.NOT_FOUND else body
 
     def get_into(self, key: bytes, buffer: bytearray | memoryview) -> int | None:
-        value = self.get(key)
-        if value is None:
-            return None
+        """Receives the value straight into buffer (no intermediate copy); its length, or
+        None on a miss. ValueError if buffer is too small (the value is drained)."""
+        body = pack_key(key)
+        request = Header(Opcode.GET, 0, next(self._ids), len(body))
+        self._socket.sendall(request.pack() + body)
+        header = Header.unpack(self._recv(HEADER.size), MAX_RESPONSE_BODY_BYTES)
+        if header.request_id != request.request_id:
+            raise ConnectionError(f"response {header.request_id} to request {request.request_id}")
+        if header.status != Status.OK:
+            message = self._recv(header.body_bytes)
+            if header.status == Status.NOT_FOUND:
+                return None
+            self._check(header, message)
         target = memoryview(buffer).cast("B")
-        if len(target) < len(value):
-            raise ValueError(f"buffer of {len(target)} bytes is too small for {len(value)}")
-        target[: len(value)] = value
-        return len(value)
+        if len(target) < header.body_bytes:
+            self._recv(header.body_bytes)  # keep the connection in step
+            raise ValueError(f"buffer of {len(target)} bytes is too small for {header.body_bytes}")
+        self._recv_into(target[: header.body_bytes])
+        return header.body_bytes
 
     def delete(self, key: bytes) -> bool:
         header, _body = self._request(Opcode.DELETE, pack_key(key))
@@ -180,11 +199,30 @@ class Client(Closeable):
         raise ServerError(message or f"status {header.status}")
 
     def _recv(self, nbytes: int) -> bytes:
+        # One recv with MSG_WAITALL fills a fresh bytes object: a single copy out of the
+        # kernel. A signal may cut it short; the rest is then received into a buffer.
+        try:
+            data = self._socket.recv(nbytes, socket.MSG_WAITALL) if nbytes else b""
+        except BlockingIOError as error:  # SO_RCVTIMEO expired
+            raise TimeoutError(f"no answer from the server within the timeout: {error}") from None
+        if len(data) == nbytes:
+            return data
+        if not data:
+            raise ConnectionError("the server closed the connection")
         buffer = bytearray(nbytes)
-        view, received = memoryview(buffer), 0
-        while received < nbytes:
-            count = self._socket.recv_into(view[received:])
+        buffer[: len(data)] = data
+        self._recv_into(memoryview(buffer)[len(data) :])
+        return bytes(buffer)
+
+    def _recv_into(self, view: memoryview) -> None:
+        received = 0
+        while received < len(view):
+            try:
+                count = self._socket.recv_into(view[received:])
+            except BlockingIOError as error:  # SO_RCVTIMEO expired
+                raise TimeoutError(
+                    f"no answer from the server within the timeout: {error}"
+                ) from None
             if count == 0:
                 raise ConnectionError("the server closed the connection")
             received += count
-        return bytes(buffer)
