@@ -1,6 +1,7 @@
 """`ctxkv serve` and its client over 127.0.0.1: identical values, concurrent clients,
 tokens, hostile bytes, and a clean SIGTERM. The server runs as a real subprocess."""
 
+import asyncio
 import random
 import signal
 import socket
@@ -14,6 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.client.aio import AsyncClient
 from engine.client.client import AuthenticationError, Client, RequestError
 from engine.server.protocol import HEADER, HELLO, HELLO_MAGIC, PROTOCOL_VERSION, Header, Opcode
 from engine.store.store import Store
@@ -249,3 +251,25 @@ def test_metrics_scrape_parses_and_counts_what_happened(serve):
     not_found = urllib.request.Request(served.metrics_url.replace("/metrics", "/other"))
     with pytest.raises(urllib.error.HTTPError, match="404"):
         urllib.request.urlopen(not_found, timeout=10)
+
+
+def test_async_client_twin(serve):
+    served = serve(token=b"tok")
+
+    async def scenario() -> None:
+        with pytest.raises(AuthenticationError):
+            await AsyncClient.connect(served.address, token="bad")
+        async with await AsyncClient.connect(served.address, token="tok") as client:
+            await client.put_many([(b"a", value_of(1)), (b"b", value_of(2))])
+            results = await asyncio.gather(client.get(b"a"), client.get(b"b"), client.get(b"c"))
+            assert results == [value_of(1), value_of(2), None]
+            assert await client.contains(b"a") and await client.longest_prefix([b"a", b"c"]) == 1
+            assert await client.delete(b"a") and await client.get_many([b"a", b"b"]) == [
+                None,
+                value_of(2),
+            ]
+            assert (await client.stats())["keys"] == 1
+            with pytest.raises(RequestError, match="needs 9 extents"):
+                await client.put(b"huge", bytes(9 * EXTENT))
+
+    asyncio.run(scenario())

@@ -46,6 +46,18 @@ class AuthenticationError(CtxkvError, PermissionError):
     """The server wants a token this client did not prove."""
 
 
+def check_response(header: Header, body: bytes) -> None:
+    """Raises the error a non-OK response stands for (NOT_FOUND is the caller's to read)."""
+    if header.status == Status.OK:
+        return
+    message = body.decode(errors="replace")
+    if header.status in (Status.BAD_REQUEST, Status.TOO_LARGE):
+        raise RequestError(message)
+    if header.status == Status.UNAUTHORIZED:
+        raise AuthenticationError(message)
+    raise ServerError(message or f"status {header.status}")
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -87,7 +99,7 @@ class Client(Closeable):
         header, body = self._read_response()
         if header.status == Status.UNAUTHORIZED:
             raise AuthenticationError(f"the server refused the token: {body.decode()}")
-        self._check(header, body)
+        check_response(header, body)
         del version
 
     # ---- the Store's methods -------------------------------------------------------------
@@ -98,7 +110,7 @@ class Client(Closeable):
         header = Header(Opcode.PUT, 0, next(self._ids), len(body_head) + len(view))
         self._socket.sendall(header.pack() + body_head)
         self._socket.sendall(view)
-        self._check(*self._read_response())
+        check_response(*self._read_response())
 
     def get(self, key: bytes) -> bytes | None:
         header, body = self._request(Opcode.GET, pack_key(key))
@@ -117,7 +129,7 @@ class Client(Closeable):
             message = self._recv(header.body_bytes)
             if header.status == Status.NOT_FOUND:
                 return None
-            self._check(header, message)
+            check_response(header, message)
         target = memoryview(buffer).cast("B")
         if len(target) < header.body_bytes:
             self._recv(header.body_bytes)  # keep the connection in step
@@ -157,7 +169,7 @@ class Client(Closeable):
             if header.status == Status.NOT_FOUND:
                 values.append(None)
             else:
-                self._check(header, body)
+                check_response(header, body)
                 values.append(body)
         return values
 
@@ -181,22 +193,12 @@ class Client(Closeable):
         if response.request_id != header.request_id:
             raise ConnectionError(f"response {response.request_id} to request {header.request_id}")
         if response.status != Status.NOT_FOUND:
-            self._check(response, response_body)
+            check_response(response, response_body)
         return response, response_body
 
     def _read_response(self) -> tuple[Header, bytes]:
         header = Header.unpack(self._recv(HEADER.size), MAX_RESPONSE_BODY_BYTES)
         return header, self._recv(header.body_bytes)
-
-    def _check(self, header: Header, body: bytes) -> None:
-        if header.status == Status.OK:
-            return
-        message = body.decode(errors="replace")
-        if header.status in (Status.BAD_REQUEST, Status.TOO_LARGE):
-            raise RequestError(message)
-        if header.status == Status.UNAUTHORIZED:
-            raise AuthenticationError(message)
-        raise ServerError(message or f"status {header.status}")
 
     def _recv(self, nbytes: int) -> bytes:
         # One recv with MSG_WAITALL fills a fresh bytes object: a single copy out of the
