@@ -1,8 +1,10 @@
 """The store end to end on real loop devices and files: values of every size survive
 close and reopen, span members, are verified on read, and bad input is refused."""
 
+import os
 import random
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +265,27 @@ def test_journal_wraps_many_times_through_checkpoints(target_file):
         for i in range(250, 300):
             assert reopened.get(f"k{i % 50}".encode()) == f"value {i}".encode()
         assert reopened.stats()["keys"] == 50
+
+
+def allocated_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_freed_extents_are_discarded_on_request(loop_device, discard):
+    device = loop_device(size_bytes=64 * MIB)
+    backing = Path(f"/sys/block/{os.path.basename(device)}/loop/backing_file")
+    image = backing.read_text().strip()
+    with Store.format([device], extent_size=1 * MIB, discard_freed=discard) as store:
+        store.put(b"a", value_of(1, 1 * MIB))
+        store.put(b"b", value_of(2, 1 * MIB))
+        before = allocated_bytes(image)
+        store.delete(b"a")
+        store.put(b"b", value_of(3, 1 * MIB))  # an overwrite frees b's first extent
+        after = allocated_bytes(image)
+        assert store.get(b"b") == value_of(3, 1 * MIB)
+    if discard:
+        # Two extents punched out of the image, one written: about one extent less.
+        assert after <= before - 1 * MIB + 64 * 1024
+    else:
+        assert after >= before + 1 * MIB - 64 * 1024

@@ -21,7 +21,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="measure the raw I/O path (fio-style), optionally side by side with fio",
         description="Runs a fio-style job through ctxkv's io_uring path. With --compare-fio, "
         "fio runs the same job on the same targets, interleaved, and both are printed "
-        "with their ratio.",
+        "with their ratio. Write jobs overwrite the targets, as fio's do; store mode "
+        "formats them.",
     )
     parser.add_argument("targets", nargs="+", metavar="TARGET", help="block device or file")
     parser.add_argument(

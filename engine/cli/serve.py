@@ -26,6 +26,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--durability", choices=[STRICT, RELAXED], default=STRICT)
     parser.add_argument("--max-connections", type=int, default=256)
     parser.add_argument(
+        "--discard-freed", action="store_true", help="discard extents of deleted values"
+    )
+    parser.add_argument(
         "--pool-buffers",
         type=int,
         default=None,
@@ -44,7 +47,10 @@ def run(arguments: argparse.Namespace) -> int:
         if not token:
             raise ValueError(f"{arguments.token_file} holds no token")
     with Store.open(
-        arguments.targets, durability=arguments.durability, pool_buffers=arguments.pool_buffers
+        arguments.targets,
+        durability=arguments.durability,
+        pool_buffers=arguments.pool_buffers,
+        discard_freed=arguments.discard_freed,
     ) as store:
         server = Server(store, host, port, token=token, max_connections=arguments.max_connections)
         metrics = parse_address(arguments.metrics) if arguments.metrics else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.alloc.log import FREE, LIVE, QUARANTINED, Eviction, MemberLog
+from engine.alloc.log import FREE, LIVE, QUARANTINED, WRITING, Eviction, MemberLog
 from engine.index import HashIndex, digest_array
 from engine.store.layout import (
     CHECKPOINT_ENTRY_DTYPE,
@@ -74,7 +74,9 @@ class Located:
 
 
 class StoreState:
-    def __init__(self, slot_counts: Sequence[int], log_heads: Sequence[int]):
+    def __init__(
+        self, slot_counts: Sequence[int], log_heads: Sequence[int], *, discard_freed: bool = False
+    ):
         self.logs = [
             MemberLog(member, count, head)
             for member, (count, head) in enumerate(zip(slot_counts, log_heads, strict=True))
@@ -82,6 +84,9 @@ class StoreState:
         self.index = HashIndex(max_keys=sum(slot_counts))
         self.multi_parts: dict[bytes, tuple[Part, ...]] = {}
         self.evictions = 0
+        # Slots freed by deletes and overwrites, held busy (WRITING) until the store has
+        # discarded them, so no put can be given a slot whose discard is still to come.
+        self.to_discard: list[Part] | None = [] if discard_freed else None
 
     def close(self) -> None:
         self.index.close()
@@ -190,6 +195,9 @@ class StoreState:
             log = self.logs[member]
             if log.digest[slot].tobytes() == digest and log.state[slot] == LIVE:
                 log.release(slot)
+                if self.to_discard is not None:
+                    log.state[slot] = WRITING
+                    self.to_discard.append((member, slot))
 
     # ---- checkpoints -------------------------------------------------------------------
 

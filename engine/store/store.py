@@ -18,7 +18,7 @@ from types import TracebackType
 import numpy as np
 
 from engine._native import ffi, lib
-from engine.alloc.log import Eviction
+from engine.alloc.log import FREE, WRITING, Eviction
 from engine.closing import Closeable
 from engine.errors import CtxkvError
 from engine.index import key_digest, key_digests
@@ -137,12 +137,17 @@ class Store(Closeable):
         pool_buffers: int | None,
         durability: str = STRICT,
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
+        discard_freed: bool = False,
     ):
         if durability not in (STRICT, RELAXED):
             raise ValueError(f"durability is {STRICT!r} or {RELAXED!r}, got {durability!r}")
         if flush_interval_ms <= 0:
             raise ValueError(f"flush_interval_ms must be positive, got {flush_interval_ms}")
         self.durability = durability
+        unable = [device.path for device in devices if not device.geometry.discard_supported]
+        if discard_freed and unable:
+            raise ValueError(f"discard_freed: {', '.join(unable)} cannot discard")
+        self.discard_freed = discard_freed
         self._devices = devices
         self._superblocks = superblocks
         self.store_uuid: uuid.UUID = superblocks[0].store_uuid
@@ -165,9 +170,11 @@ class Store(Closeable):
         self._member_cursor = 0
         self._counters = dict.fromkeys(
             ("puts", "gets", "hits", "misses", "deletes", "corrupt_reads", "raced_reads",
-             "checkpoints", "bytes_put", "bytes_got", "flush_errors"), 0)  # fmt: skip
+             "checkpoints", "bytes_put", "bytes_got", "flush_errors", "discard_errors"),
+            0)  # fmt: skip
         try:
             self._recover()
+            self._discard_freed()
         except BaseException:
             # The caller closes the devices; the rings and the pool are ours to release.
             self._release_memory()
@@ -203,11 +210,14 @@ class Store(Closeable):
         pool_buffers: int | None = None,
         durability: str = STRICT,
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
+        discard_freed: bool = False,
     ) -> Store:
         """Makes a new, empty store over targets (in member order) and opens it.
 
         Refuses targets that hold a filesystem, partition table or store unless force;
-        a mounted target is always refused. durability: see STRICT and RELAXED."""
+        a mounted target is always refused. durability: see STRICT and RELAXED.
+        discard_freed: discard (TRIM) the extents of deleted and overwritten values, so
+        the device knows they hold nothing; evicted extents are rewritten at once anyway."""
         devices = cls._open_devices(targets)
         try:
             if not force:
@@ -225,7 +235,8 @@ class Store(Closeable):
             )
             write_fresh_store(devices, superblocks)
             return cls(devices, superblocks, [], pool_buffers=pool_buffers,
-                       durability=durability, flush_interval_ms=flush_interval_ms)  # fmt: skip
+                       durability=durability, flush_interval_ms=flush_interval_ms,
+                       discard_freed=discard_freed)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
@@ -239,6 +250,7 @@ class Store(Closeable):
         pool_buffers: int | None = None,
         durability: str = STRICT,
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
+        discard_freed: bool = False,
     ) -> Store:
         """Opens an existing store; targets in member order. Recovers after a crash."""
         devices = cls._open_devices(targets)
@@ -246,7 +258,8 @@ class Store(Closeable):
             with Ring(devices) as ring:
                 superblocks, damage = read_superblocks(devices, lambda ios: ring.run(ios, depth=8))
             return cls(devices, superblocks, damage, pool_buffers=pool_buffers,
-                       durability=durability, flush_interval_ms=flush_interval_ms)  # fmt: skip
+                       durability=durability, flush_interval_ms=flush_interval_ms,
+                       discard_freed=discard_freed)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
@@ -276,7 +289,9 @@ class Store(Closeable):
         self._checkpoint_slot = checkpoint.slot
         self._checkpoint_generation = checkpoint.header.generation
         self._state = StoreState(
-            [sb.slot_count for sb in self._superblocks], checkpoint.header.log_heads
+            [sb.slot_count for sb in self._superblocks],
+            checkpoint.header.log_heads,
+            discard_freed=self.discard_freed,
         )
         self._state.load_checkpoint_entries(checkpoint.entries)
         self._next_sequence = checkpoint.header.next_sequence
@@ -370,6 +385,31 @@ class Store(Closeable):
         for i, member in enumerate(members):
             ios[i] = (0, 0, 0, UNREGISTERED_BUFFER, member, Op.FSYNC)
         self._run(ios)
+
+    def _discard_freed(self) -> None:
+        """Discards the slots that deletes and overwrites freed (when discard_freed), then
+        lets the allocator have them. Runs after the journal made the change durable."""
+        if self._state.to_discard is None:
+            return
+        with self._lock:
+            parts, self._state.to_discard = self._state.to_discard, []
+        try:
+            for member, slot in parts:
+                try:
+                    self._devices[member].discard(
+                        self._slot_offset((member, slot)), self.slot_bytes
+                    )
+                except (OSError, CtxkvError) as error:
+                    # The change itself is durable; a discard is advice to the device.
+                    logger.warning("discard of member %d slot %d failed: %s", member, slot, error)
+                    with self._lock:
+                        self._counters["discard_errors"] += 1
+        finally:
+            with self._lock:
+                for member, slot in parts:
+                    log = self._state.logs[member]
+                    if log.state[slot] == WRITING:
+                        log.state[slot] = FREE
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -579,6 +619,7 @@ class Store(Closeable):
                     self._counters["bytes_put"] += nbytes
 
         self._journal.commit(records, apply)
+        self._discard_freed()
 
     def _evict_record(self, eviction: Eviction) -> Record:
         return Record(
@@ -619,6 +660,7 @@ class Store(Closeable):
                     self._counters["deletes"] += 1
 
         self._journal.commit([Record(kind, digest, sequence)], apply)
+        self._discard_freed()
         return bool(outcome[0])
 
     # ---- reading ---------------------------------------------------------------------------
