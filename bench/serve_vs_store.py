@@ -1,0 +1,88 @@
+"""Issue 4, acceptance 3: TCP get bandwidth of 4 MiB values against in-process store get,
+same store file, same run, interleaved rounds, medians and their ratio.
+
+    .venv/bin/python bench/serve_vs_store.py [--rounds 5] [--values 64] [--dir /var/tmp]
+
+The server runs as `ctxkv serve` in a subprocess on 127.0.0.1; the in-process side opens
+the same store while the server is stopped (a store has one owner at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import make_image
+
+from engine.client.client import Client
+from engine.store.store import Store
+
+MiB = 1 << 20
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_vs_store.json"
+
+
+def in_process(target: Path, keys: list[bytes]) -> float:
+    with Store.open([target]) as store:
+        started = time.monotonic()
+        for key in keys:
+            assert store.get(key) is not None
+        return len(keys) * 4 * MiB / (time.monotonic() - started)
+
+
+def over_tcp(target: Path, keys: list[bytes]) -> float:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli.main", "serve", str(target), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        address = server.stdout.readline().rsplit(" ", 1)[1].strip()
+        with Client(address) as client:
+            started = time.monotonic()
+            for key in keys:
+                assert client.get(key) is not None
+            return len(keys) * 4 * MiB / (time.monotonic() - started)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--values", type=int, default=64)
+    parser.add_argument("--dir", default="/var/tmp")
+    arguments = parser.parse_args()
+    target = Path(arguments.dir) / f"ctxkv-serve-bench-{os.getpid()}.img"
+    make_image(target, (arguments.values + 64) * 5 * MiB)
+    keys = [f"chunk-{i}".encode() for i in range(arguments.values)]
+    try:
+        with Store.format([target], extent_size=4 * MiB, force=True) as store:
+            value = os.urandom(4 * MiB)
+            for start in range(0, len(keys), 8):
+                store.put_many([(key, value) for key in keys[start : start + 8]])
+        runs: dict[str, list[float]] = {"in-process get": [], "tcp get": []}
+        for round_index in range(arguments.rounds):
+            runs["in-process get"].append(in_process(target, keys))
+            runs["tcp get"].append(over_tcp(target, keys))
+            print(f"round {round_index + 1}: " + ", ".join(
+                f"{name} {values[-1] / MiB:.0f} MiB/s" for name, values in runs.items()
+            ), flush=True)  # fmt: skip
+    finally:
+        target.unlink(missing_ok=True)
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    ratio = medians["tcp get"] / medians["in-process get"]
+    print(f"medians: in-process {medians['in-process get'] / MiB:.0f} MiB/s, "
+          f"tcp {medians['tcp get'] / MiB:.0f} MiB/s; tcp/in-process {ratio:.3f}")  # fmt: skip
+    RESULTS.write_text(json.dumps({"runs_bytes_per_s": runs, "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
