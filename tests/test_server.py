@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client.aio import AsyncClient
-from engine.client.client import AuthenticationError, Client, RequestError
+from engine.client.client import AuthenticationError, Client, ClientPool, RequestError
 from engine.server.protocol import HEADER, HELLO, HELLO_MAGIC, PROTOCOL_VERSION, Header, Opcode
 from engine.store.store import Store
 
@@ -279,3 +279,29 @@ def test_async_client_twin(serve):
                 await client.put(b"huge", bytes(9 * EXTENT))
 
     asyncio.run(scenario())
+
+
+def test_pool_retries_reads_across_a_server_restart(serve):
+    served = serve()
+    with ClientPool(served.address, size=4, retries=2) as pool:
+        threads = [
+            threading.Thread(target=pool.put, args=(f"p{i}".encode(), value_of(i)))
+            for i in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert pool.get(b"p3") == value_of(3)  # leaves idle connections in the pool
+        assert served.stop() == 0
+        restarted = subprocess.Popen(
+            [*CTXKV, "serve", served.target, "--listen", served.address, "--pool-buffers", "8"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert "listening on" in restarted.stdout.readline()
+            assert pool.get(b"p5") == value_of(5)  # the stale connections were replaced
+            assert pool.longest_prefix([b"p0", b"p1", b"nope"]) == 2
+        finally:
+            restarted.send_signal(signal.SIGTERM)
+            assert restarted.wait(timeout=60) == 0

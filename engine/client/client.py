@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import queue
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 
 from engine.closing import Closeable
@@ -228,3 +230,87 @@ class Client(Closeable):
             if count == 0:
                 raise ConnectionError("the server closed the connection")
             received += count
+
+
+class ClientPool(Closeable):
+    """Connections to one server shared by many threads. Reads (get, get_many, contains,
+    longest_prefix, stats) that meet a broken connection are retried on a fresh one, up
+    to `retries` times; writes are not retried, since the server may have applied them."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | bytes | None = None,
+        size: int = 8,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retries: int = 2,
+    ):
+        if size <= 0 or retries < 0:
+            raise ValueError(f"size must be positive and retries not negative: {size}, {retries}")
+        self._connect = lambda: Client(address, token=token, timeout=timeout)
+        self._idle: queue.LifoQueue[Client] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self.retries = retries
+        self._closed = False
+
+    def _call(self, method: str, *arguments: object, retry: bool) -> object:
+        attempts = self.retries + 1 if retry else 1
+        with self._slots:
+            for attempt in range(attempts):
+                if self._closed:
+                    raise CtxkvError("the client pool is closed")
+                try:
+                    client = self._idle.get_nowait()
+                except queue.Empty:
+                    client = self._connect()
+                try:
+                    result = getattr(client, method)(*arguments)
+                except (ConnectionError, TimeoutError):
+                    # Broken or out of step, and the idle ones likely too (a restarted
+                    # server drops them all): the next attempt starts on a new connection.
+                    client.close()
+                    self._drop_idle()
+                    if attempt + 1 == attempts:
+                        raise
+                    continue
+                except BaseException:
+                    client.close()
+                    raise
+                self._idle.put(client)
+                return result
+        raise AssertionError("unreachable")
+
+    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> None:
+        self._call("put", key, value, retry=False)
+
+    def delete(self, key: bytes) -> bool:
+        return self._call("delete", key, retry=False)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._call("get", key, retry=True)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return self._call("get_many", keys, retry=True)
+
+    def contains(self, key: bytes) -> bool:
+        return self._call("contains", key, retry=True)
+
+    __contains__ = contains
+
+    def longest_prefix(self, keys: Sequence[bytes]) -> int:
+        return self._call("longest_prefix", keys, retry=True)
+
+    def stats(self) -> dict:
+        return self._call("stats", retry=True)
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
