@@ -2,6 +2,7 @@
 tokens, hostile bytes, and a clean SIGTERM. The server runs as a real subprocess."""
 
 import asyncio
+import json
 import random
 import signal
 import socket
@@ -305,3 +306,20 @@ def test_pool_retries_reads_across_a_server_restart(serve):
         finally:
             restarted.send_signal(signal.SIGTERM)
             assert restarted.wait(timeout=60) == 0
+
+
+def test_json_logs_are_one_object_per_line(tmp_path):
+    target = str(tmp_path / "store.img")
+    with open(target, "wb") as file:
+        file.truncate(64 * MIB)
+    Store.format([target], extent_size=EXTENT, pool_buffers=8).close()
+    command = [*CTXKV, "serve", target, "--listen", "127.0.0.1:0", "--log-format", "json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "listening on" in process.stdout.readline()
+    process.send_signal(signal.SIGTERM)
+    _stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    entries = [json.loads(line) for line in stderr.splitlines()]  # every line is an object
+    assert any(e["logger"] == "ctxkv.server" and "serving store" in e["message"] for e in entries)
+    assert entries[-1]["message"] == "stopped cleanly"
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)

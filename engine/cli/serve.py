@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
-import sys
 
 from engine.client.client import parse_address
 from engine.server.server import Server
@@ -26,6 +26,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--durability", choices=[STRICT, RELAXED], default=STRICT)
     parser.add_argument("--max-connections", type=int, default=256)
     parser.add_argument(
+        "--log-format", choices=["text", "json"], default="text",
+        help="json: one object per line on stderr, for log collectors",
+    )  # fmt: skip
+    parser.add_argument(
         "--discard-freed", action="store_true", help="discard extents of deleted values"
     )
     parser.add_argument(
@@ -38,7 +42,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(arguments: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    if arguments.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     host, port = parse_address(arguments.listen)
     token = None
     if arguments.token_file:
@@ -56,8 +65,23 @@ def run(arguments: argparse.Namespace) -> int:
         metrics = parse_address(arguments.metrics) if arguments.metrics else None
         asyncio.run(_serve_until_signal(server, metrics))
     # Leaving the with block checkpointed the store: the next open replays nothing.
-    print("ctxkv serve: stopped cleanly", file=sys.stderr)
+    logging.getLogger("ctxkv.server").info("stopped cleanly")
     return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 async def _serve_until_signal(server: Server, metrics: tuple[str, int] | None) -> None:
