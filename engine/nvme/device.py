@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import struct
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ FALLBACK_BLOCK_BYTES = 4096
 FALLBACK_MAX_TRANSFER_BYTES = 1024 * 1024
 
 KINDS = ("block", "file")
+
+# How long an O_EXCL open waits for a claim the kernel has not let go of yet.
+EXCLUSIVE_RETRY_S = 1.0
 
 
 class _StatxTimestamp(ctypes.Structure):
@@ -213,7 +217,7 @@ class Device(Closeable):
         if kind == "block" and exclusive:
             flags |= os.O_EXCL
         try:
-            fd = os.open(path_abs, flags)
+            fd = _open_exclusive_patiently(path_abs, flags)
         except OSError as error:
             raise _open_error(error, path_abs, kind, status, writable=writable) from None
 
@@ -358,6 +362,23 @@ def _busy(path: str, uses: list[str]) -> DeviceBusyError:
     error = DeviceBusyError(f"{path} is in use: {who}; refusing to open it")
     error.errno = errno.EBUSY
     return error
+
+
+def _open_exclusive_patiently(path: str, flags: int) -> int:
+    """os.open, retried for a moment on EBUSY with O_EXCL. The kernel lets go of a block
+    device asynchronously after an io_uring that had it registered is torn down, so a
+    store reopened at once (close, then open; a scrub that rebuilds, then checks) can
+    find its own last claim still held for a few milliseconds."""
+    deadline = time.monotonic() + EXCLUSIVE_RETRY_S
+    delay_s = 0.001
+    while True:
+        try:
+            return os.open(path, flags)
+        except OSError as error:
+            if error.errno != errno.EBUSY or not flags & os.O_EXCL or time.monotonic() > deadline:
+                raise
+        time.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.05)
 
 
 def _open_error(
