@@ -27,10 +27,9 @@ import numpy as np
 from engine._index import ffi, lib
 from engine.closing import Closeable
 from engine.errors import CtxkvError, native_error
+from engine.store.layout import MAX_KEY_BYTES  # the extent header's key field bounds keys
 
 DIGEST_BYTES = 16
-# The extent header's key field (docs/format.md): longer keys could not be checked on read.
-MAX_KEY_BYTES = 1024
 # The table never holds more keys than this fraction of its slots, so probes stay short.
 MAX_LOAD = lib.CTXKV_INDEX_MAX_LOAD_PERCENT / 100
 MAX_KEYS_LIMIT = 1 << 40  # mirrors INDEX_MAX_KEYS_LIMIT in native/index.c

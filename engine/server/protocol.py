@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from engine.errors import CtxkvError
+from engine.store.layout import MAX_KEY_BYTES
 
 PROTOCOL_VERSION = 1
 HELLO_MAGIC = b"CTXKV\x00P\x01"
@@ -25,7 +26,6 @@ KEY_LENGTH = struct.Struct("<H")
 COUNT = struct.Struct("<I")
 NONCE_BYTES = 32
 
-MAX_KEY_BYTES = 1024
 DEFAULT_MAX_VALUE_BYTES = 256 << 20
 DEFAULT_MAX_BATCH_KEYS = 4096
 

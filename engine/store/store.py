@@ -321,7 +321,7 @@ class Store(Closeable):
         self._journal = Journal(
             self._run, offset=first.journal_offset, nbytes=first.journal_bytes, tag=tag,
             next_sequence=next_block, first_live_sequence=next_block,
-            make_room=self._checkpoint_locked, flush=self.durability == STRICT,
+            make_room=self.checkpoint, flush=self.durability == STRICT,
         )  # fmt: skip
         if next_block != checkpoint.header.journal_sequence:
             with self._lock:
@@ -415,10 +415,6 @@ class Store(Closeable):
 
     def checkpoint(self) -> None:
         """Writes the index to the other checkpoint slot so the journal can be reused."""
-        with self._lock:
-            self._write_checkpoint()
-
-    def _checkpoint_locked(self) -> None:
         with self._lock:
             self._write_checkpoint()
 
