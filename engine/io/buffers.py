@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import resource
 import threading
-from types import TracebackType
 
 import numpy as np
 
 from engine._native import ffi, lib
-from engine.closing import Closeable
+from engine.closing import Closeable, Releasable
 from engine.errors import CtxkvError, MemlockLimitError, PoolExhaustedError
 
 PAGE_BYTES = 4096
@@ -37,7 +36,7 @@ def memlock_error(nbytes: int, what: str) -> MemlockLimitError:
     )
 
 
-class Lease:
+class Lease(Releasable):
     """One pool buffer, lent until release(). Use it as a context manager."""
 
     __slots__ = ("_pool", "_released", "address", "index", "nbytes")
@@ -67,17 +66,6 @@ class Lease:
     def _check_live(self) -> None:
         if self._released:
             raise CtxkvError(f"buffer {self.index} was released; its memory belongs to others")
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         state = "released" if self._released else "live"

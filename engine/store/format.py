@@ -130,7 +130,7 @@ def write_fresh_store(devices: Sequence[Device], superblocks: Sequence[Superbloc
         entries_crc32c=0,
         log_heads=tuple(0 for _ in superblocks),
     )
-    buffer = aligned_array(3 * BLOCK_BYTES)
+    buffer = aligned_array(2 * BLOCK_BYTES)
     buffer[:BLOCK_BYTES] = np.frombuffer(empty.pack(), np.uint8)
     # buffer[BLOCK_BYTES : 2 * BLOCK_BYTES] stays zero for checkpoint slot 1.
     with Ring(list(devices)) as ring:
@@ -138,9 +138,9 @@ def write_fresh_store(devices: Sequence[Device], superblocks: Sequence[Superbloc
         for member, superblock in enumerate(superblocks):
             packed = aligned_array(BLOCK_BYTES)
             packed[:] = np.frombuffer(superblock.pack(), np.uint8)
-            buffer_for_member = packed  # kept alive until the run completes
-            writes.append((0, buffer_for_member, member))
-            writes.append((superblock.superblock_b_offset, buffer_for_member, member))
+            # writes keeps every array alive until the run has completed
+            writes.append((0, packed, member))
+            writes.append((superblock.superblock_b_offset, packed, member))
         ios = Ring.batch(len(writes) + 2)
         for i, (offset, array, member) in enumerate(writes):
             ios[i] = (offset, array.ctypes.data, BLOCK_BYTES, UNREGISTERED_BUFFER, member, Op.WRITE)

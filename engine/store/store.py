@@ -13,13 +13,12 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
 
 import numpy as np
 
 from engine._native import ffi, lib
 from engine.alloc.log import FREE, WRITING, Eviction
-from engine.closing import Closeable
+from engine.closing import Closeable, Releasable
 from engine.errors import CtxkvError
 from engine.index import key_digest, key_digests
 from engine.io.buffers import BufferPool, Lease, aligned_array
@@ -79,7 +78,7 @@ class ValueTooLargeError(CtxkvError, ValueError):
     """The value needs more extents than a value may span, or than the pool holds."""
 
 
-class ValueLease:
+class ValueLease(Releasable):
     """A value read into pool buffers, lent without a copy until release()."""
 
     def __init__(self, leases: list[Lease], part_bytes: list[int]):
@@ -112,17 +111,6 @@ class ValueLease:
         for lease in self._leases:
             lease.release()
         self._leases = []
-
-    def __enter__(self) -> ValueLease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 class Store(Closeable):
