@@ -35,7 +35,8 @@ RunIos = Callable[[np.ndarray], np.ndarray]
 
 
 class JournalFailedError(CtxkvError, OSError):
-    """A journal write failed; nothing after it can be acknowledged until reopen."""
+    """A journal write failed and could not be voided; nothing more can be acknowledged
+    until reopen."""
 
 
 def group_into_blocks(records: list[Record]) -> list[list[bytes]]:
@@ -122,36 +123,72 @@ class Journal:
                     self._leader_active = False
                     self._condition.notify_all()
         if waiter.error is not None:
-            raise waiter.error
+            # Not kept on the waiter: its traceback holds this frame, and the cycle would
+            # keep every caller's frame alive until the collector ran.
+            error, waiter.error = waiter.error, None
+            try:
+                raise error
+            finally:
+                del error
 
     def _lead(self, batch: list[_Waiter]) -> None:
         records = [record for waiter in batch for record in waiter.records]
+        groups = group_into_blocks(records)
+        first_sequence = self.next_sequence
         try:
-            groups = group_into_blocks(records)
             if self.live_blocks + len(groups) > self.block_count // 2:
                 self._make_room()
+            first_sequence = self.next_sequence
             assert self.live_blocks + len(groups) <= self.block_count, "journal overrun"
             blocks = [
-                pack_journal_block(self.next_sequence + i, self.tag, group)
+                pack_journal_block(first_sequence + i, self.tag, group)
                 for i, group in enumerate(groups)
             ]
-            self._write(blocks, self.next_sequence)
-            self.next_sequence += len(blocks)
-            self.blocks_written += len(blocks)
-            self.commits += 1
         except BaseException as error:
-            failure = JournalFailedError(f"journal write failed, reopen the store: {error}")
-            failure.__cause__ = error
-            with self._condition:
-                self._failure = failure
-            for waiter in batch:
-                waiter.error, waiter.done = failure, True
+            self._fail(batch, error)  # nothing was written: the journal stays usable
             return
+        try:
+            self._write(blocks, first_sequence, flush=self._flush)
+        except BaseException as error:
+            self._void(len(blocks), first_sequence, batch, error)
+            return
+        self.next_sequence += len(blocks)
+        self.blocks_written += len(blocks)
+        self.commits += 1
         for waiter in batch:
             waiter.apply()
             waiter.done = True
 
-    def _write(self, blocks: list[bytes], first_sequence: int) -> None:
+    def _void(
+        self, block_count: int, first_sequence: int, batch: list[_Waiter], error: BaseException
+    ) -> None:
+        """A journal write failed, yet some of its blocks may be on the device, valid:
+        replay would apply records of puts that fail now. Overwrite those positions with
+        empty blocks and flush; the batch fails and later commits go on after them. Only
+        if that fails too does the journal stop (JournalFailedError until reopen)."""
+        voids = [pack_journal_block(first_sequence + i, self.tag, []) for i in range(block_count)]
+        try:
+            self._write(voids, first_sequence, flush=True)
+        except BaseException as second:
+            failure = JournalFailedError(
+                f"journal write failed ({error}) and so did voiding its blocks ({second}): "
+                f"reopen the store"
+            )
+            failure.__cause__ = second
+            with self._condition:
+                self._failure = failure
+            self._fail(batch, failure)
+            return
+        self.next_sequence += block_count
+        self.blocks_written += block_count
+        self._fail(batch, error)
+
+    @staticmethod
+    def _fail(batch: list[_Waiter], error: BaseException) -> None:
+        for waiter in batch:
+            waiter.error, waiter.done = error, True
+
+    def _write(self, blocks: list[bytes], first_sequence: int, *, flush: bool) -> None:
         for start in range(0, len(blocks), WRITE_CHUNK_BLOCKS):
             chunk = blocks[start : start + WRITE_CHUNK_BLOCKS]
             ios = []
@@ -181,10 +218,10 @@ class Journal:
             batch = Ring.batch(len(ios))
             batch[:] = ios
             self._run_ios(batch)
-        if self._flush:
-            flush = Ring.batch(1)
-            flush[0] = (0, 0, 0, UNREGISTERED_BUFFER, 0, Op.FSYNC)
-            self._run_ios(flush)
+        if flush:
+            fsync = Ring.batch(1)
+            fsync[0] = (0, 0, 0, UNREGISTERED_BUFFER, 0, Op.FSYNC)
+            self._run_ios(fsync)
 
     def _check_healthy(self) -> None:
         if self._failure is not None:
