@@ -311,6 +311,20 @@ class Store(Closeable):
             self._run, offset=first.journal_offset, nbytes=first.journal_bytes, tag=tag,
             start_sequence=checkpoint.header.journal_sequence,
         ):  # fmt: skip
+            if records is None:
+                problem = (
+                    "fails its checksum, yet later blocks were written after it was durable: "
+                    "its records are lost (their puts read as misses or earlier values)"
+                )
+                position = (
+                    first.journal_offset
+                    + ((block_sequence - 1) % (first.journal_bytes // BLOCK_BYTES)) * BLOCK_BYTES
+                )
+                broken = Damage(f"journal block {block_sequence}", position, 0, problem)
+                logger.warning("store %s: damaged %s", self.store_uuid, broken)
+                self.damage.append(broken)
+                last_block = block_sequence
+                continue
             for record in records:
                 self._state.apply_record(record)
                 self._next_sequence = max(self._next_sequence, record.sequence + 1)
@@ -393,10 +407,13 @@ class Store(Closeable):
 
     def _flush(self, members: Iterable[int]) -> None:
         members = sorted(set(members))
+        journal_sequence = self._journal.next_sequence
         ios = Ring.batch(len(members))
         for i, member in enumerate(members):
             ios[i] = (0, 0, 0, UNREGISTERED_BUFFER, member, Op.FSYNC)
         self._run(ios)
+        if 0 in members:  # the journal lives on member 0
+            self._journal.flushed(journal_sequence)
 
     def _discard_freed(self) -> None:
         """Discards the slots that deletes and overwrites freed (when discard_freed), then
