@@ -109,11 +109,45 @@ class Superblock:
             raise LayoutError(
                 f"{where}: slot_bytes {slot_bytes} != extent_bytes + {EXTENT_HEADER_BYTES}"
             )
-        return cls(
+        superblock = cls(
             uuid.UUID(bytes=store_uuid), member_index, member_count, extent_bytes, slot_count,
             extent_area_offset, journal_offset, journal_bytes, (checkpoint_0, checkpoint_1),
             checkpoint_bytes, capacity_bytes, format_time_ns, superblock_b_offset,
         )  # fmt: skip
+        problem = superblock.geometry_problem()
+        if problem:
+            raise LayoutError(f"{where}: {problem}")
+        return superblock
+
+    def geometry_problem(self) -> str | None:
+        """What makes this layout impossible (regions overlapping or past the end), if
+        anything: a checksum proves the bytes are as written, not that they make sense."""
+        extent = self.extent_bytes
+        if not MIN_EXTENT_BYTES <= extent <= MAX_EXTENT_BYTES or extent & (extent - 1):
+            return f"extent size {extent} is not a power of two from 64 KiB to 64 MiB"
+        if not 0 <= self.member_index < self.member_count <= MAX_MEMBERS:
+            return f"member {self.member_index} of {self.member_count} is out of range"
+        if self.superblock_b_offset + BLOCK_BYTES > self.capacity_bytes:
+            return f"superblock B at {self.superblock_b_offset} lies past the capacity"
+        regions = [(self.extent_area_offset, self.slot_count * self.slot_bytes, "extent area")]
+        if self.member_index == 0:
+            regions += [
+                (self.journal_offset, self.journal_bytes, "journal"),
+                (self.checkpoint_offsets[0], self.checkpoint_bytes, "checkpoint slot 0"),
+                (self.checkpoint_offsets[1], self.checkpoint_bytes, "checkpoint slot 1"),
+            ]
+        elif self.journal_bytes or self.checkpoint_bytes:
+            return "a member other than 0 claims a journal or checkpoints"
+        end = BLOCK_BYTES  # superblock A
+        for offset, nbytes, name in sorted(regions):
+            if nbytes <= 0 or offset % BLOCK_BYTES or nbytes % BLOCK_BYTES:
+                return f"{name} ({nbytes} bytes at {offset}) is empty or not block-aligned"
+            if offset < end:
+                return f"{name} at {offset} overlaps what lies before it"
+            end = offset + nbytes
+        if end > self.superblock_b_offset:
+            return f"the regions end at {end}, past superblock B at {self.superblock_b_offset}"
+        return None
 
 
 assert Superblock.STRUCT.size == 136, Superblock.STRUCT.size

@@ -101,7 +101,7 @@ def rebuild_index_from_extents(
         generations, newest_slot = [0], None
         for slot in (0, 1):
             with contextlib.suppress(LayoutError):
-                checkpoint = read_checkpoint(run, first, slot)
+                checkpoint = read_checkpoint(run, superblocks, slot)
                 if checkpoint is not None:
                     generations.append(checkpoint.header.generation)
                     if checkpoint.header.generation == max(generations):

@@ -287,7 +287,7 @@ class Store(Closeable):
     def _recover(self) -> None:
         """Newest valid checkpoint, then the journal after it; then a fresh checkpoint."""
         first = self._superblocks[0]
-        checkpoint, damage = newest_checkpoint(self._run, first)
+        checkpoint, damage = newest_checkpoint(self._run, self._superblocks)
         for problem in damage:
             logger.warning("store %s: damaged %s", self.store_uuid, problem)
         self.damage.extend(damage)
