@@ -12,7 +12,7 @@ APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvm
 DEMO_DIR ?= /var/tmp/ctxkv-demo
 DEMO_TARGET := $(DEMO_DIR)/target.img
 
-.PHONY: setup system-packages demo test lint bench-raw bench-store clean
+.PHONY: setup system-packages demo test test-crash lint bench-raw bench-store clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -47,6 +47,15 @@ demo: setup
 
 test: setup lint
 	$(BIN)/pytest -q
+
+# The long proof (docs/guarantees.md): every history of up to 3 ops crashed at every
+# flush point, 2,000 random seeds, 20 kill -9 rounds of ctxkv serve, and 2,000 fuzz cases
+# per parser. `make test` runs a quick slice of each. Prints the counts.
+test-crash: setup
+	CTXKV_CRASH_SEEDS=2000 CTXKV_CRASH_EXHAUSTIVE_LENGTH=3 CTXKV_SERVER_KILL_ROUNDS=20 \
+	CTXKV_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q -s \
+		tests/test_crash_histories.py tests/test_server_crash.py tests/test_corruption.py \
+		tests/test_device_errors.py tests/test_fuzz.py
 
 lint: setup
 	$(BIN)/ruff check .

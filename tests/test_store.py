@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.alloc.log import StoreFullError
 from engine.errors import CtxkvError
 from engine.store.format import TargetInUseError
 from engine.store.layout import EXTENT_HEADER_BYTES
@@ -123,6 +124,27 @@ def test_eviction_is_fifo_with_second_chance_and_pins(target_file):
         assert store.get(b"v1") is not None  # second chance
         assert store.get(b"v2") is None and store.get(b"v3") is None  # oldest went
         assert store.stats()["evictions"] >= 2
+
+
+def test_a_member_full_of_pins_sends_puts_to_the_others(target_file):
+    targets = [target_file(size_bytes=16 * MIB), target_file(size_bytes=16 * MIB)]
+    with Store.format(targets, extent_size=1 * MIB) as store:
+        slots = store.stats()["slots"]
+        for i in range(slots):
+            store.put(f"p{i}".encode(), value_of(i, 1000))
+            store.pin(f"p{i}".encode())
+        with pytest.raises(StoreFullError, match="every slot of all 2 members is pinned"):
+            store.put(b"one too many", b"x")
+        assert store.stats()["slots_free"] == 0  # the failed put gave back what it took
+        assert store.unpin(b"p0")  # one slot may go: the next put, on either member, takes it
+        store.put(b"fits", b"y" * 1000)
+        assert store.get(b"fits") == b"y" * 1000 and store.get(b"p0") is None
+        member_0_slots = store._superblocks[0].slot_count
+        for i in range(1, member_0_slots):  # unpin member 0's values only...
+            store.unpin(f"p{2 * i}".encode())
+        for i in range(3):  # ...and puts still land, all on member 0
+            store.put(f"after-{i}".encode(), b"z" * 1000)
+            assert store.get(f"after-{i}".encode()) == b"z" * 1000
 
 
 def test_corrupt_extent_is_a_miss_and_quarantined(target_file):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from engine._native import ffi, lib
-from engine.alloc.log import FREE, WRITING, Eviction
+from engine.alloc.log import FREE, WRITING, Eviction, StoreFullError
 from engine.closing import Closeable, Releasable
 from engine.errors import CtxkvError
 from engine.index import key_digest, key_digests
@@ -591,20 +591,25 @@ class Store(Closeable):
         placements = []
         records: list[Record] = []
         with self._lock:
-            for key, leases, nbytes, crcs in staged:
-                digest = key_digest(bytes(key))
-                sequence = self._next_sequence
-                self._next_sequence += 1
-                parts = []
-                for _ in leases:
-                    member = self._member_cursor % len(self._devices)
-                    self._member_cursor += 1
-                    slot, eviction = self._state.logs[member].allocate(self._state.keep_on_lap)
-                    if eviction is not None:
-                        self._state.apply_evict(eviction)
-                        records.append(self._evict_record(eviction))
-                    parts.append((member, slot))
-                placements.append((key, digest, sequence, nbytes, leases, tuple(parts), crcs))
+            allocated: list[Part] = []
+            try:
+                for key, leases, nbytes, crcs in staged:
+                    digest = key_digest(bytes(key))
+                    sequence = self._next_sequence
+                    self._next_sequence += 1
+                    parts = []
+                    for _ in leases:
+                        part, eviction = self._allocate()
+                        allocated.append(part)
+                        if eviction is not None:
+                            self._state.apply_evict(eviction)
+                            records.append(self._evict_record(eviction))
+                        parts.append(part)
+                    placements.append((key, digest, sequence, nbytes, leases, tuple(parts), crcs))
+            except StoreFullError:
+                for member, slot in allocated:
+                    self._state.logs[member].release(slot)
+                raise
         try:
             ios = Ring.batch(sum(len(p[4]) for p in placements))
             row = 0
@@ -657,6 +662,22 @@ class Store(Closeable):
                 self._counters["failed_puts"] += len(placements)
             raise
         self._discard_freed()
+
+    def _allocate(self) -> tuple[Part, Eviction | None]:
+        """A slot on the next member in turn, or on the one after it when every slot of
+        that one is pinned or being written."""
+        assert self._lock.locked()
+        for _ in range(len(self._devices)):
+            member = self._member_cursor % len(self._devices)
+            self._member_cursor += 1
+            try:
+                slot, eviction = self._state.logs[member].allocate(self._state.keep_on_lap)
+            except StoreFullError:
+                continue
+            return (member, slot), eviction
+        raise StoreFullError(
+            f"every slot of all {len(self._devices)} members is pinned or being written"
+        )
 
     def _evict_record(self, eviction: Eviction) -> Record:
         return Record(
