@@ -24,7 +24,7 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/build.py
+$(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/*.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@

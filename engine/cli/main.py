@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine import __version__
-from engine.cli import bench, demo, serve, store
+from engine.cli import bench, demo, devices, serve, store
 from engine.errors import CtxkvError
 
 EXIT_USAGE = 2
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)
+    devices.add_parser(commands)
     return parser
 
 
