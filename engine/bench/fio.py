@@ -16,6 +16,7 @@ import subprocess
 
 from engine.bench.job import Job, format_size
 from engine.bench.result import RunResult
+from engine.nvme.passthru import generic_path_of
 
 FIO_TIMEOUT_SLACK_S = 60
 HUGEPAGE_BYTES = 2 << 20
@@ -36,8 +37,10 @@ def fio_buffer_bytes(job: Job) -> int:
 
 def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
     """fio's command line for job (without the executable)."""
+    passthru = job.io_path == "passthru"
+    targets = [generic_path_of(target) for target in job.targets] if passthru else job.targets
     # fio separates files with ':', so a ':' inside a path is escaped.
-    filenames = ":".join(target.replace(":", "\\:") for target in job.targets)
+    filenames = ":".join(target.replace(":", "\\:") for target in targets)
     arguments = [
         "--name=fio",
         f"--filename={filenames}",
@@ -45,8 +48,13 @@ def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
         f"--bs={format_size(job.block_bytes)}",
         f"--iodepth={job.iodepth}",
         f"--numjobs={job.numjobs}",
-        "--ioengine=io_uring",
-        "--direct=1",
+        # NVMe commands on the char devices; O_DIRECT means nothing there (and open
+        # refuses it on a char device).
+        *(
+            ["--ioengine=io_uring_cmd", "--cmd_type=nvme"]
+            if passthru
+            else ["--ioengine=io_uring", "--direct=1"]
+        ),
         "--fixedbufs=1",
         "--registerfiles=1",
         "--group_reporting=1",

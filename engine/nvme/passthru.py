@@ -1,0 +1,137 @@
+"""The NVMe passthrough I/O path: a namespace's generic char device (/dev/ngXnY) taking
+NVMe Read, Write, Flush and Dataset Management commands straight from io_uring
+(IORING_OP_URING_CMD), with no block layer in between.
+
+A Device opened on an NVMe namespace keeps its block device open exclusively (the claim
+that keeps a filesystem or another ctxkv off it, and the geometry) and, on this path, also
+opens the char device; the Ring then sends that device's I/O as NVMe commands.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import os
+import stat
+from dataclasses import dataclass
+
+from engine._native import ffi, lib
+from engine._nvme import lib as nvme_lib
+from engine.errors import DeviceIOError, UnsupportedTargetError
+from engine.nvme.discovery import block_name_of, generic_name_of
+
+AUTO, BLOCK, PASSTHRU = "auto", "block", "passthru"
+IO_PATHS = (AUTO, BLOCK, PASSTHRU)
+
+# <linux/nvme_ioctl.h>: _IO('N', 0x40), the namespace id of an NVMe device node.
+NVME_IOCTL_ID = 0x4E40
+# Dataset Management takes a 32-bit block count per range.
+MAX_DEALLOCATE_BLOCKS = (1 << 32) - 1
+
+
+@dataclass(frozen=True)
+class Passthru:
+    """The char device a namespace's I/O goes to on the passthrough path."""
+
+    path: str  # /dev/ng0n1
+    fd: int
+    nsid: int
+    lba_shift: int  # log2 of the logical block size
+
+    def deallocate(self, offset: int, nbytes: int, *, device_path: str) -> None:
+        """Dataset Management, deallocate: the range reads back as zeros afterwards."""
+        slba, blocks = offset >> self.lba_shift, nbytes >> self.lba_shift
+        while blocks:
+            count = min(blocks, MAX_DEALLOCATE_BLOCKS)
+            result = nvme_lib.ctxkv_nvme_deallocate(self.fd, self.nsid, slba, count)
+            if result != 0:
+                # A positive result is the NVMe status the controller answered.
+                error_number = -result if result < 0 else errno.EIO
+                raise DeviceIOError(
+                    error_number, path=device_path, op="deallocate", offset=offset, nbytes=nbytes
+                )
+            slba += count
+            blocks -= count
+
+
+def split_target(path: str, io_path: str) -> tuple[str, bool]:
+    """(the block device to claim, whether to use passthrough) for a target path.
+
+    /dev/ngXnY means passthrough on /dev/nvmeXnY; /dev/nvmeXnY means passthrough when
+    io_path is passthru, or auto and the kernel can; anything else is never passthrough.
+    """
+    if io_path not in IO_PATHS:
+        raise ValueError(f"io path must be one of {', '.join(IO_PATHS)}, got {io_path!r}")
+    name = os.path.basename(path)
+    block_name = block_name_of(name)
+    if block_name is not None and _is_char_device(path):
+        if io_path == BLOCK:
+            raise UnsupportedTargetError(
+                f"{path} is an NVMe generic char device, which takes only passthrough "
+                f"commands; use /dev/{block_name} for --io-path block"
+            )
+        return os.path.join(os.path.dirname(path), block_name), True
+    if io_path == BLOCK:
+        return path, False
+    generic_name = generic_name_of(name)
+    candidate = os.path.join(os.path.dirname(path), generic_name) if generic_name else None
+    if candidate is None or not _is_char_device(candidate):
+        if io_path == PASSTHRU:
+            raise UnsupportedTargetError(
+                f"{path} has no NVMe generic char device (/dev/ngXnY) for --io-path passthru; "
+                "passthrough needs an NVMe namespace and Linux 5.19 or later"
+            )
+        return path, False
+    if io_path == AUTO and not kernel_supports_passthru():
+        return path, False
+    return path, True
+
+
+def generic_path_of(path: str) -> str:
+    """/dev/ng0n1 for /dev/nvme0n1 (and for /dev/ng0n1); refuses anything else."""
+    name = os.path.basename(path)
+    if block_name_of(name) is not None:
+        return path
+    generic_name = generic_name_of(name)
+    if generic_name is None:
+        raise UnsupportedTargetError(f"{path} is not an NVMe namespace (/dev/nvmeXnY or ngXnY)")
+    return os.path.join(os.path.dirname(path), generic_name)
+
+
+def open_passthru(block_path: str, lba_bytes: int, *, writable: bool) -> Passthru:
+    """Opens the char device of the namespace whose block device is block_path."""
+    path = generic_path_of(block_path)
+    if not kernel_supports_passthru():
+        raise UnsupportedTargetError(
+            f"this kernel cannot run NVMe passthrough on {path}: io_uring rejects "
+            "SQE128/CQE32 rings (Linux 5.19 or later is needed)"
+        )
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    try:
+        nsid = fcntl.ioctl(fd, NVME_IOCTL_ID)
+        if nsid <= 0:
+            raise UnsupportedTargetError(f"{path} answered NVME_IOCTL_ID with {nsid}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Passthru(path=path, fd=fd, nsid=nsid, lba_shift=lba_bytes.bit_length() - 1)
+
+
+@functools.cache
+def kernel_supports_passthru() -> bool:
+    """Whether io_uring here makes SQE128|CQE32 rings (Linux 5.19+), which NVMe
+    passthrough commands need."""
+    ring_out = ffi.new("struct ctxkv_ring **")
+    result = lib.ctxkv_ring_new(2, lib.CTXKV_RING_NVME_PASSTHRU, ring_out)
+    if result < 0:
+        return False
+    lib.ctxkv_ring_free(ring_out[0])
+    return True
+
+
+def _is_char_device(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
