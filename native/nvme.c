@@ -250,3 +250,9 @@ int ctxkv_nvme_deallocate(int fd, uint32_t nsid, uint64_t slba, uint32_t nlb)
     int result = ioctl(fd, NVME_IOCTL_IO_CMD, &cmd);
     return result < 0 ? -errno : result;
 }
+
+const char *ctxkv_nvme_strerror(int error_number)
+{
+    return error_number >= ENVME_CONNECT_RESOLVE ? nvme_errno_to_string(error_number)
+                                                 : strerror(error_number);
+}

@@ -60,3 +60,7 @@ int ctxkv_nvme_disconnect(const char *name);
  * NVMe I/O command on fd (/dev/ngXnY or /dev/nvmeXnY). 0, -errno, or the positive NVMe
  * status the controller answered. */
 int ctxkv_nvme_deallocate(int fd, uint32_t nsid, uint64_t slba, uint32_t nlb);
+
+/* Words for an error these functions returned: libnvme's own codes (1000 and up) for
+ * fabrics failures, strerror's otherwise. */
+const char *ctxkv_nvme_strerror(int error_number);
