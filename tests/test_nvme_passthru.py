@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from engine._native import ffi, lib
+from engine.bench.fio import fio_arguments
+from engine.bench.job import Job
 from engine.errors import UnsupportedTargetError
 from engine.io.buffers import BufferPool
 from engine.io.ring import RESULT_DTYPE, UNREGISTERED_BUFFER, Op, Ring
@@ -87,3 +89,14 @@ def test_a_passthrough_ring_still_does_plain_io(target_file) -> None:
             lib.ctxkv_ring_free(native)
             written.release()
             read.release()
+
+
+def test_fio_on_passthru_runs_io_uring_cmd_on_the_char_devices() -> None:
+    job = Job(targets=("/dev/nvme0n1", "/dev/ng1n1"), block_bytes=512 << 10, io_path="passthru")
+    arguments = fio_arguments(job)
+    assert "--filename=/dev/ng0n1:/dev/ng1n1" in arguments
+    assert {"--ioengine=io_uring_cmd", "--cmd_type=nvme", "--fixedbufs=1"} <= set(arguments)
+    # O_DIRECT means nothing on a char device, and open() refuses it there.
+    assert "--direct=1" not in arguments
+    block = fio_arguments(Job(targets=("/dev/nvme0n1",), io_path="block"))
+    assert {"--ioengine=io_uring", "--direct=1", "--filename=/dev/nvme0n1"} <= set(block)

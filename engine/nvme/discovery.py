@@ -111,7 +111,7 @@ def _namespace(entry) -> Namespace:
         lba_format_count=entry.lba_format_count,
         mdts=entry.mdts,
         lba_count=entry.lba_count,
-        max_transfer_bytes=_max_hw_transfer_bytes(block_name),
+        max_transfer_bytes=max_hw_transfer_bytes(block_name),
         identify_error=entry.identify_error,
     )
 
@@ -135,7 +135,9 @@ def block_name_of(generic_name: str) -> str | None:
     return candidate if generic_name_of(candidate) == generic_name else None
 
 
-def _max_hw_transfer_bytes(block_name: str) -> int:
+def max_hw_transfer_bytes(block_name: str) -> int:
+    """The largest transfer the kernel passes to the namespace in one command (0 if
+    unknown): the limit on a passthrough command, which nothing splits."""
     path = os.path.join(SYSFS_BLOCK, block_name, "queue", "max_hw_sectors_kb")
     try:
         with open(path) as file:
