@@ -28,6 +28,12 @@ static void copy_text(char *dst, size_t dst_bytes, const char *src, size_t src_b
 
 #define COPY(dst, src) copy_text((dst), sizeof(dst), (src), (size_t)-1)
 
+/* FLBAS bits 3:0 are the low four bits of the format index, bits 6:5 the high two. */
+static uint32_t lba_format_in_use(const struct nvme_id_ns *id_ns)
+{
+    return (id_ns->flbas & 0x0F) | ((uint32_t)(id_ns->flbas & 0x60) >> 1);
+}
+
 static void fill_namespace(struct ctxkv_nvme_namespace *out, nvme_subsystem_t s, nvme_ctrl_t c,
                            nvme_ns_t n)
 {
@@ -57,8 +63,7 @@ static void fill_namespace(struct ctxkv_nvme_namespace *out, nvme_subsystem_t s,
         out->identify_error = result < 0 ? -errno : result;
         return;
     }
-    /* FLBAS bits 3:0 are the low four bits of the format index, bits 6:5 the high two. */
-    uint32_t format = (id_ns.flbas & 0x0F) | ((uint32_t)(id_ns.flbas & 0x60) >> 1);
+    uint32_t format = lba_format_in_use(&id_ns);
     out->lba_format = format;
     out->lba_format_count = id_ns.nlbaf + 1u;
     out->lba_bytes = 1u << id_ns.lbaf[format].ds;
@@ -255,4 +260,16 @@ const char *ctxkv_nvme_strerror(int error_number)
 {
     return error_number >= ENVME_CONNECT_RESOLVE ? nvme_errno_to_string(error_number)
                                                  : strerror(error_number);
+}
+
+int ctxkv_nvme_lba_format(int fd, uint32_t nsid, uint32_t *lba_bytes, uint32_t *metadata_bytes)
+{
+    struct nvme_id_ns id_ns;
+    int result = nvme_identify_ns(fd, nsid, &id_ns);
+    if (result != 0)
+        return result < 0 ? -errno : result;
+    uint32_t format = lba_format_in_use(&id_ns);
+    *lba_bytes = 1u << id_ns.lbaf[format].ds;
+    *metadata_bytes = le16toh(id_ns.lbaf[format].ms);
+    return 0;
 }

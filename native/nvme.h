@@ -64,3 +64,7 @@ int ctxkv_nvme_deallocate(int fd, uint32_t nsid, uint64_t slba, uint32_t nlb);
 /* Words for an error these functions returned: libnvme's own codes (1000 and up) for
  * fabrics failures, strerror's otherwise. */
 const char *ctxkv_nvme_strerror(int error_number);
+
+/* Identify Namespace through fd (/dev/ngXnY or /dev/nvmeXnY): the data and metadata bytes
+ * of the LBA format in use. 0, -errno, or the positive NVMe status. */
+int ctxkv_nvme_lba_format(int fd, uint32_t nsid, uint32_t *lba_bytes, uint32_t *metadata_bytes);

@@ -25,6 +25,7 @@ struct ctxkv_ring {
     /* NVMe passthrough files (ctxkv_ring_set_passthru): nsid 0 means a plain file. */
     uint32_t passthru_nsid[CTXKV_MAX_FILES];
     uint8_t passthru_lba_shift[CTXKV_MAX_FILES];
+    uint8_t passthru_fixed_buffers[CTXKV_MAX_FILES];
 };
 
 /* user_data: the I/O's index in the low bits; for passthrough chunks, the chunk's length
@@ -149,14 +150,16 @@ int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
 }
 
 int ctxkv_ring_set_passthru(struct ctxkv_ring *ring, uint32_t file_index, uint32_t nsid,
-                            uint32_t lba_shift)
+                            uint32_t lba_shift, uint32_t flags)
 {
     uint32_t big = IORING_SETUP_SQE128 | IORING_SETUP_CQE32;
     if ((ring->setup_flags & big) != big || file_index >= ring->nfiles || nsid == 0 ||
-        lba_shift < 9 || lba_shift > 16 || ring->chunk_bytes[file_index] % (1u << lba_shift))
+        lba_shift < 9 || lba_shift > 16 || ring->chunk_bytes[file_index] % (1u << lba_shift) ||
+        (flags & ~(uint32_t)CTXKV_PASSTHRU_FIXED_BUFFERS))
         return -EINVAL;
     ring->passthru_nsid[file_index] = nsid;
     ring->passthru_lba_shift[file_index] = (uint8_t)lba_shift;
+    ring->passthru_fixed_buffers[file_index] = !!(flags & CTXKV_PASSTHRU_FIXED_BUFFERS);
     return 0;
 }
 
@@ -198,7 +201,8 @@ static void prep_passthru_chunk(const struct ctxkv_ring *ring, struct io_uring_s
     ctxkv_prep_nvme_cmd(sqe, nvme_opcode[io->opcode & CTXKV_OP_MASK], file,
                         ring->passthru_nsid[file], ring->passthru_lba_shift[file],
                         io->offset + chunk_offset, io->addr + chunk_offset, chunk_len,
-                        io->buf_index);
+                        ring->passthru_fixed_buffers[file] ? io->buf_index
+                                                           : CTXKV_UNREGISTERED_BUFFER);
     io_uring_sqe_set_data64(sqe, index | (uint64_t)(chunk_len >> 9) << USER_DATA_INDEX_BITS);
 }
 

@@ -14,7 +14,12 @@ from engine.errors import UnsupportedTargetError
 from engine.io.buffers import BufferPool
 from engine.io.ring import RESULT_DTYPE, UNREGISTERED_BUFFER, Op, Ring
 from engine.nvme.device import Device
-from engine.nvme.passthru import generic_path_of, kernel_supports_passthru, split_target
+from engine.nvme.passthru import (
+    generic_path_of,
+    kernel_supports_passthru,
+    kernel_version,
+    split_target,
+)
 
 SQE128, CQE32 = 1 << 10, 1 << 11
 BIG_RING = SQE128 | CQE32
@@ -53,7 +58,11 @@ def test_generic_path_of() -> None:
 
 def test_set_passthru_needs_a_big_sqe_ring(target_file) -> None:
     with Device.open(target_file()) as device, Ring([device]) as ring:
-        assert lib.ctxkv_ring_set_passthru(ring._ring, 0, 1, 12) == -22  # EINVAL
+        assert lib.ctxkv_ring_set_passthru(ring._ring, 0, 1, 12, 0) == -22  # EINVAL
+
+
+def test_kernel_version_reads_the_release() -> None:
+    assert kernel_version() >= (5, 19)  # this machine: 6.x
 
 
 def test_a_passthrough_ring_still_does_plain_io(target_file) -> None:

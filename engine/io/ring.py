@@ -153,8 +153,9 @@ class Ring(Closeable):
         for file_index, device in enumerate(self.devices):
             if device.passthru is not None:
                 passthru = device.passthru
+                flags = lib.CTXKV_PASSTHRU_FIXED_BUFFERS if passthru.fixed_buffers else 0
                 result = lib.ctxkv_ring_set_passthru(
-                    self._ring, file_index, passthru.nsid, passthru.lba_shift
+                    self._ring, file_index, passthru.nsid, passthru.lba_shift, flags
                 )
                 if result < 0:
                     raise native_error(result, f"NVMe passthrough on {passthru.path}")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import stat
 from dataclasses import dataclass
 
 from engine._native import ffi, lib
+from engine._nvme import ffi as nvme_ffi
 from engine._nvme import lib as nvme_lib
 from engine.errors import DeviceIOError, UnsupportedTargetError
 from engine.nvme.discovery import block_name_of, generic_name_of
@@ -26,6 +28,8 @@ IO_PATHS = (AUTO, BLOCK, PASSTHRU)
 
 # <linux/nvme_ioctl.h>: _IO('N', 0x40), the namespace id of an NVMe device node.
 NVME_IOCTL_ID = 0x4E40
+# IORING_URING_CMD_FIXED: registered buffers for passthrough commands.
+FIXED_BUFFERS_KERNEL = (6, 1)
 # Dataset Management takes a 32-bit block count per range.
 MAX_DEALLOCATE_BLOCKS = (1 << 32) - 1
 
@@ -38,6 +42,8 @@ class Passthru:
     fd: int
     nsid: int
     lba_shift: int  # log2 of the logical block size
+    # Commands on registered buffers carry IORING_URING_CMD_FIXED (Linux 6.1+).
+    fixed_buffers: bool
 
     def deallocate(self, offset: int, nbytes: int, *, device_path: str) -> None:
         """Dataset Management, deallocate: the range reads back as zeros afterwards."""
@@ -112,10 +118,44 @@ def open_passthru(block_path: str, lba_bytes: int, *, writable: bool) -> Passthr
         nsid = fcntl.ioctl(fd, NVME_IOCTL_ID)
         if nsid <= 0:
             raise UnsupportedTargetError(f"{path} answered NVME_IOCTL_ID with {nsid}")
+        check_lba_format(fd, nsid, path, lba_bytes)
     except BaseException:
         os.close(fd)
         raise
-    return Passthru(path=path, fd=fd, nsid=nsid, lba_shift=lba_bytes.bit_length() - 1)
+    return Passthru(
+        path=path,
+        fd=fd,
+        nsid=nsid,
+        lba_shift=lba_bytes.bit_length() - 1,
+        fixed_buffers=kernel_version() >= FIXED_BUFFERS_KERNEL,
+    )
+
+
+def check_lba_format(fd: int, nsid: int, path: str, lba_bytes: int) -> None:
+    """Refuses a namespace whose LBA format carries metadata: passthrough commands here
+    send no metadata buffer, which such a namespace needs on every read and write."""
+    data_out, metadata_out = nvme_ffi.new("uint32_t *"), nvme_ffi.new("uint32_t *")
+    result = nvme_lib.ctxkv_nvme_lba_format(fd, nsid, data_out, metadata_out)
+    if result != 0:
+        error_number = -result if result < 0 else errno.EIO
+        raise OSError(error_number, f"Identify Namespace {nsid} on {path} failed ({result})")
+    if metadata_out[0]:
+        raise UnsupportedTargetError(
+            f"{path} is formatted with {metadata_out[0]} metadata bytes per block, which "
+            "ctxkv's passthrough commands do not carry; use --io-path block, or format the "
+            "namespace to an LBA format without metadata (nvme format --lbaf)"
+        )
+    if data_out[0] != lba_bytes:
+        raise UnsupportedTargetError(
+            f"{path}: Identify says {data_out[0]}-byte blocks, the block layer {lba_bytes}"
+        )
+
+
+def kernel_version() -> tuple[int, int]:
+    """(major, minor) of the running kernel: 6.12.117+deb12-amd64 -> (6, 12)."""
+    major, _, rest = os.uname().release.partition(".")
+    minor = "".join(itertools.takewhile(str.isdigit, rest))
+    return int(major or 0), int(minor or 0)
 
 
 @functools.cache
