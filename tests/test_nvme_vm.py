@@ -113,6 +113,7 @@ def test_passthru_ring_moves_bytes_and_deallocates(guest: dict) -> None:
     assert result["nsid"] == 1 and result["lba_shift"] == 9
     assert result["chunk_bytes"] <= 4096 << MDTS
     assert {"SQE128", "CQE32"} <= set(result["ring_setup_flags"])
+    assert result["fixed_buffers"]  # the guest runs 6.12: IORING_URING_CMD_FIXED
     assert result["registered_buffer_round_trip"]
     assert result["plain_buffer_round_trip"]
     assert result["zeros_after_deallocate"]

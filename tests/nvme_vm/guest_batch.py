@@ -100,8 +100,20 @@ def store_round_trip(targets: list[str], io_path: str, extent_bytes: int) -> dic
     }
 
 
+def describe_namespace(ns) -> str:
+    return (
+        f"{ns.block_path} + {ns.generic_path}: {ns.model!r} serial {ns.serial} firmware "
+        f"{ns.firmware} ({ns.transport}), nsid {ns.nsid}, LBA {ns.lba_bytes}+"
+        f"{ns.metadata_bytes} bytes (format {ns.lba_format} of {ns.lba_format_count}), "
+        f"MDTS {ns.mdts}, {ns.capacity_bytes} bytes"
+    )
+
+
 def check_identify() -> dict:
-    found = [ns.as_dict() for ns in namespaces()]
+    found = []
+    for ns in namespaces():
+        log(f"identify {describe_namespace(ns)}")
+        found.append(ns.as_dict())
     cli = {}
     for name, argv in (
         ("id_ctrl", ["nvme", "id-ctrl", "/dev/nvme0", "-o", "json"]),
@@ -158,6 +170,9 @@ def passthru_round_trips(device: Device, ring: Ring, leases: list) -> dict:
     ios[0] = (8 * MIB, leases[1].address, 2 * MIB, UNREGISTERED_BUFFER, 0, Op.WRITE)
     ring.run(ios)
     ring.fsync(0)
+    chunk_bytes = device.geometry.max_transfer_bytes
+    log(f"passthru {device.passthru.path}: 2 MiB writes as NVMe commands of {chunk_bytes} "
+        "bytes, registered and plain buffers, flush")  # fmt: skip
     ring.read(0, 0, leases[2])
     ios[0] = (8 * MIB, leases[3].address, 2 * MIB, UNREGISTERED_BUFFER, 0, Op.READ)
     ring.run(ios)
@@ -169,6 +184,7 @@ def passthru_round_trips(device: Device, ring: Ring, leases: list) -> dict:
         "io_path": device.io_path,
         "generic_path": device.passthru.path,
         "nsid": device.passthru.nsid,
+        "fixed_buffers": device.passthru.fixed_buffers,
         "lba_shift": device.passthru.lba_shift,
         "chunk_bytes": device.geometry.max_transfer_bytes,
         "ring_setup_flags": ring.setup_flag_names,
@@ -186,7 +202,9 @@ def write_configfs(path: str, value: str) -> None:
 def export_nvmet(name: str, port_id: int, port: dict[str, str], image_bytes: int) -> str:
     """An nvmet subsystem with one file-backed namespace, exported on a port."""
     nqn = f"{NQN_PREFIX}:{name}"
-    image = f"/tmp/nvmet-{name}.img"
+    # On tmpfs (vm/init mounts one on /run): nvmet's file backend takes its block size
+    # from the backing inode, and on the overlay over 9p that comes out as 1 byte.
+    image = f"/run/nvmet-{name}.img"
     with open(image, "wb") as file:
         file.truncate(image_bytes)
     subsystem = f"{NVMET}/subsystems/{nqn}"
@@ -194,7 +212,7 @@ def export_nvmet(name: str, port_id: int, port: dict[str, str], image_bytes: int
     write_configfs(f"{subsystem}/attr_allow_any_host", "1")
     os.mkdir(f"{subsystem}/namespaces/1")
     write_configfs(f"{subsystem}/namespaces/1/device_path", image)
-    # The image lives on tmpfs, which has no O_DIRECT.
+    # tmpfs has no O_DIRECT.
     write_configfs(f"{subsystem}/namespaces/1/buffered_io", "1")
     write_configfs(f"{subsystem}/namespaces/1/enable", "1")
     port_dir = f"{NVMET}/ports/{port_id}"
@@ -202,6 +220,7 @@ def export_nvmet(name: str, port_id: int, port: dict[str, str], image_bytes: int
     for key, value in port.items():
         write_configfs(f"{port_dir}/{key}", value)
     os.symlink(subsystem, f"{port_dir}/subsystems/{nqn}")
+    log(f"nvmet: {nqn} exports {image} on port {port_id} ({port['addr_trtype']})")
     return nqn
 
 
@@ -215,8 +234,12 @@ def check_fabrics() -> dict:
     )  # fmt: skip
     loop_nqn = export_nvmet("loop", 2, {"addr_trtype": "loop"}, 256 * MIB)
     discovered = fabrics.discover("tcp", "127.0.0.1", "4420")
+    log(f"discover tcp 127.0.0.1:4420: {[entry.subsystem_nqn for entry in discovered]}")
     tcp = fabrics.connect("tcp", tcp_nqn, "127.0.0.1", "4420")
     loop = fabrics.connect("loop", loop_nqn)
+    for connection in (tcp, loop):
+        for ns in connection.namespaces:
+            log(f"connected {connection.controller}: {describe_namespace(ns)}")
     targets = [tcp.namespaces[0].block_path, loop.namespaces[0].block_path]
     remote = {
         "tcp": [ns.as_dict() for ns in tcp.namespaces],
@@ -226,6 +249,7 @@ def check_fabrics() -> dict:
     fabrics.disconnect(tcp.controller)
     fabrics.disconnect(loop.controller)
     left = [ns.block_path for ns in namespaces() if ns.subsystem_nqn in (tcp_nqn, loop_nqn)]
+    log(f"disconnected {tcp.controller} and {loop.controller}; namespaces left: {left}")
     return {
         "discovered": [entry.__dict__ for entry in discovered],
         "tcp_nqn": tcp_nqn,
