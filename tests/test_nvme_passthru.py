@@ -18,6 +18,7 @@ from engine.nvme.passthru import (
     generic_path_of,
     kernel_supports_passthru,
     kernel_version,
+    max_command_bytes,
     split_target,
 )
 
@@ -109,3 +110,15 @@ def test_fio_on_passthru_runs_io_uring_cmd_on_the_char_devices() -> None:
     assert "--direct=1" not in arguments
     block = fio_arguments(Job(targets=("/dev/nvme0n1",), io_path="block"))
     assert {"--ioengine=io_uring", "--direct=1", "--filename=/dev/nvme0n1"} <= set(block)
+
+
+def test_a_passthrough_command_fits_the_queue_segment_limit(loop_device) -> None:
+    """Checked on a loop device's queue: the limit reads the same sysfs files."""
+    device_path = loop_device()
+    name = device_path.rsplit("/", 1)[1]
+    with open(f"/sys/block/{name}/queue/max_segments") as file:
+        max_segments = int(file.read())
+    limit = max_segments * 4096
+    assert max_command_bytes(device_path, limit * 4, 4096) == limit
+    assert max_command_bytes(device_path, 8192, 4096) == 8192
+    assert max_command_bytes("/dev/no-such-disk", 1 << 20, 4096) == 1 << 20

@@ -9,6 +9,7 @@ ctxkv never writes raw blocks under a live user.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import os
@@ -29,7 +30,13 @@ from engine.errors import (
     ReadOnlyDeviceError,
     UnsupportedTargetError,
 )
-from engine.nvme.passthru import AUTO, Passthru, open_passthru, split_target
+from engine.nvme.passthru import (
+    AUTO,
+    Passthru,
+    max_command_bytes,
+    open_passthru,
+    split_target,
+)
 
 # <linux/fs.h> block device ioctls.
 BLKSSZGET = 0x1268
@@ -256,6 +263,13 @@ class Device(Closeable):
                 geometry = _file_geometry(fd, opened, path_abs)
             passthru = None
             if use_passthru:
+                # Last: nothing after it can fail and leave its fd open.
+                geometry = dataclasses.replace(
+                    geometry,
+                    max_transfer_bytes=max_command_bytes(
+                        path_abs, geometry.max_transfer_bytes, geometry.logical_block_bytes
+                    ),
+                )
                 passthru = open_passthru(path_abs, geometry.logical_block_bytes, writable=writable)
         except BaseException:
             os.close(fd)

@@ -131,6 +131,22 @@ def open_passthru(block_path: str, lba_bytes: int, *, writable: bool) -> Passthr
     )
 
 
+def max_command_bytes(block_path: str, max_transfer_bytes: int, lba_bytes: int) -> int:
+    """The most one passthrough I/O may carry. The block layer splits a request that has
+    too many memory segments; a passthrough command is never split, so besides the
+    queue's transfer limit it must fit max_segments pages of a buffer that is not
+    physically contiguous (a 4 KiB-page numpy array, say)."""
+    name = os.path.basename(block_path)
+    try:
+        with open(f"/sys/block/{name}/queue/max_segments") as file:
+            max_segments = int(file.read().strip())
+    except (OSError, ValueError):
+        return max_transfer_bytes
+    page_bytes = os.sysconf("SC_PAGE_SIZE")
+    limit = min(max_transfer_bytes, max_segments * page_bytes)
+    return max(lba_bytes, limit // lba_bytes * lba_bytes)
+
+
 def check_lba_format(fd: int, nsid: int, path: str, lba_bytes: int) -> None:
     """Refuses a namespace whose LBA format carries metadata: passthrough commands here
     send no metadata buffer, which such a namespace needs on every read and write."""
