@@ -42,8 +42,8 @@ GOLDEN = {
         "d90577f4140c4712",
     ),
     "journal": (
-        "4354584b564a4e4cab7f26dd020050000700000000000000001122334455667701003000000102030405060708090a0b",
-        "3c76d334672a9f6d",
+        "4354584b564a4e4c26f40412020050000700000000000000001122334455667705000000000000000100300000010203",
+        "6a51aec6ff5fc17e",
     ),
     "checkpoint": (
         "4354584b56434b5001000000081f7ecc030000000000000064000000000000002c000000000000000200000000000000",
@@ -56,7 +56,7 @@ def packed() -> dict[str, bytes]:
     return {
         "superblock": SUPERBLOCK.pack(),
         "extent": EXTENT.pack(),
-        "journal": pack_journal_block(7, store_tag(U), [r.pack() for r in RECORDS]),
+        "journal": pack_journal_block(7, store_tag(U), [r.pack() for r in RECORDS], 5),
         "checkpoint": CHECKPOINT.pack(),
     }
 
@@ -78,7 +78,7 @@ def test_round_trips():
     assert unpack_journal_block(blocks["journal"], 7, store_tag(U)) == RECORDS
     evict = Record(RECORD_EVICT, b"e" * 16, 9, parts=((3, 77),))
     pin = Record(RECORD_PIN, b"p" * 16, 10)
-    block = pack_journal_block(1, store_tag(U), [evict.pack(), pin.pack()])
+    block = pack_journal_block(1, store_tag(U), [evict.pack(), pin.pack()], 1)
     assert unpack_journal_block(block, 1, store_tag(U)) == [evict, pin]
 
 
@@ -98,6 +98,6 @@ def test_journal_block_stops_replay_when_torn_stale_or_foreign():
     assert unpack_journal_block(block, 8, store_tag(U)) is None  # stale: wrong sequence
     assert unpack_journal_block(block, 7, b"\0" * 8) is None  # another store's block
     torn = bytearray(block)
-    torn[40:] = bytes(BLOCK_BYTES - 40)  # the sector with the records never landed
+    torn[48:] = bytes(BLOCK_BYTES - 48)  # the sector with the records never landed
     assert unpack_journal_block(bytes(torn), 7, store_tag(U)) is None
     assert unpack_journal_block(bytes(BLOCK_BYTES), 7, store_tag(U)) is None

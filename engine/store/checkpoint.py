@@ -3,6 +3,7 @@ member 0 (docs/format.md), so a torn checkpoint write leaves the previous one wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,12 @@ class Checkpoint:
     entries: np.ndarray
 
 
-def read_checkpoint(run_ios: RunIos, superblock: Superblock, slot: int) -> Checkpoint | None:
+def read_checkpoint(
+    run_ios: RunIos, superblocks: Sequence[Superblock], slot: int
+) -> Checkpoint | None:
     """Checkpoint slot `slot` of member 0; None if never written (zeros), LayoutError if
-    it is not valid."""
+    it is not valid for the store these superblocks describe."""
+    superblock = superblocks[0]
     offset = superblock.checkpoint_offsets[slot]
     [header_block] = read_blocks(run_ios, 0, [offset])
     if header_block == bytes(BLOCK_BYTES):
@@ -62,17 +66,44 @@ def read_checkpoint(run_ios: RunIos, superblock: Superblock, slot: int) -> Check
             f"checkpoint slot {slot}: {len(header.log_heads)} log heads for "
             f"{superblock.member_count} members"
         )
+    slot_counts = np.array([sb.slot_count for sb in superblocks], dtype=np.uint64)
+    if any(head >= count for head, count in zip(header.log_heads, slot_counts, strict=True)):
+        raise LayoutError(f"checkpoint slot {slot}: a log head lies past its member's slots")
+    problem = entries_problem(entries, slot_counts)
+    if problem:
+        raise LayoutError(f"checkpoint slot {slot}: {problem}")
     return Checkpoint(slot, header, entries)
 
 
-def newest_checkpoint(run_ios: RunIos, superblock: Superblock) -> tuple[Checkpoint, list[Damage]]:
+def entries_problem(entries: np.ndarray, slot_counts: np.ndarray) -> str | None:
+    """What puts an entry outside the store or makes two entries claim one slot."""
+    if not len(entries):
+        return None
+    if not np.frombuffer(entries["digest"].tobytes(), np.uint8).reshape(-1, 16).any(axis=1).all():
+        return "an entry has an all-zero key digest"
+    member = entries["member"].astype(np.uint64)
+    if (member >= len(slot_counts)).any():
+        return "an entry names a member the store does not have"
+    if (entries["slot"] >= slot_counts[member]).any():
+        return "an entry names a slot past its member's extent area"
+    if ((entries["part_count"] == 0) | (entries["part_index"] >= entries["part_count"])).any():
+        return "an entry has a part index outside its part count"
+    slots = member << np.uint64(32) | entries["slot"].astype(np.uint64)
+    if len(np.unique(slots)) != len(slots):
+        return "two entries claim one slot"
+    return None
+
+
+def newest_checkpoint(
+    run_ios: RunIos, superblocks: Sequence[Superblock]
+) -> tuple[Checkpoint, list[Damage]]:
     """The valid checkpoint with the highest generation, and the damaged slots seen."""
     valid, damage = [], []
     for slot in (0, 1):
         try:
-            checkpoint = read_checkpoint(run_ios, superblock, slot)
+            checkpoint = read_checkpoint(run_ios, superblocks, slot)
         except LayoutError as error:
-            offset = superblock.checkpoint_offsets[slot]
+            offset = superblocks[0].checkpoint_offsets[slot]
             damage.append(Damage(f"checkpoint slot {slot}", offset, 0, str(error)))
             continue
         if checkpoint is not None:

@@ -109,11 +109,45 @@ class Superblock:
             raise LayoutError(
                 f"{where}: slot_bytes {slot_bytes} != extent_bytes + {EXTENT_HEADER_BYTES}"
             )
-        return cls(
+        superblock = cls(
             uuid.UUID(bytes=store_uuid), member_index, member_count, extent_bytes, slot_count,
             extent_area_offset, journal_offset, journal_bytes, (checkpoint_0, checkpoint_1),
             checkpoint_bytes, capacity_bytes, format_time_ns, superblock_b_offset,
         )  # fmt: skip
+        problem = superblock.geometry_problem()
+        if problem:
+            raise LayoutError(f"{where}: {problem}")
+        return superblock
+
+    def geometry_problem(self) -> str | None:
+        """What makes this layout impossible (regions overlapping or past the end), if
+        anything: a checksum proves the bytes are as written, not that they make sense."""
+        extent = self.extent_bytes
+        if not MIN_EXTENT_BYTES <= extent <= MAX_EXTENT_BYTES or extent & (extent - 1):
+            return f"extent size {extent} is not a power of two from 64 KiB to 64 MiB"
+        if not 0 <= self.member_index < self.member_count <= MAX_MEMBERS:
+            return f"member {self.member_index} of {self.member_count} is out of range"
+        if self.superblock_b_offset + BLOCK_BYTES > self.capacity_bytes:
+            return f"superblock B at {self.superblock_b_offset} lies past the capacity"
+        regions = [(self.extent_area_offset, self.slot_count * self.slot_bytes, "extent area")]
+        if self.member_index == 0:
+            regions += [
+                (self.journal_offset, self.journal_bytes, "journal"),
+                (self.checkpoint_offsets[0], self.checkpoint_bytes, "checkpoint slot 0"),
+                (self.checkpoint_offsets[1], self.checkpoint_bytes, "checkpoint slot 1"),
+            ]
+        elif self.journal_bytes or self.checkpoint_bytes:
+            return "a member other than 0 claims a journal or checkpoints"
+        end = BLOCK_BYTES  # superblock A
+        for offset, nbytes, name in sorted(regions):
+            if nbytes <= 0 or offset % BLOCK_BYTES or nbytes % BLOCK_BYTES:
+                return f"{name} ({nbytes} bytes at {offset}) is empty or not block-aligned"
+            if offset < end:
+                return f"{name} at {offset} overlaps what lies before it"
+            end = offset + nbytes
+        if end > self.superblock_b_offset:
+            return f"the regions end at {end}, past superblock B at {self.superblock_b_offset}"
+        return None
 
 
 assert Superblock.STRUCT.size == 136, Superblock.STRUCT.size
@@ -177,8 +211,9 @@ assert EXTENT_PAYLOAD_BYTES_OFFSET == 48
 # ---- Journal ---------------------------------------------------------------------------
 
 JOURNAL_MAGIC = b"CTXKVJNL"
-JOURNAL_BLOCK_HEADER = struct.Struct("<8sIHHQ8s")  # ..., block_sequence, store_tag
-assert JOURNAL_BLOCK_HEADER.size == 32, JOURNAL_BLOCK_HEADER.size
+# magic, crc32c, record_count, used_bytes, block_sequence, store_tag, durable_through
+JOURNAL_BLOCK_HEADER = struct.Struct("<8sIHHQ8sQ")
+assert JOURNAL_BLOCK_HEADER.size == 40, JOURNAL_BLOCK_HEADER.size
 JOURNAL_PAYLOAD_BYTES = BLOCK_BYTES - JOURNAL_BLOCK_HEADER.size
 RECORD_HEADER = struct.Struct("<BxH")
 assert RECORD_HEADER.size == 4
@@ -257,35 +292,62 @@ def store_tag(store_uuid: uuid.UUID) -> bytes:
     return store_uuid.bytes[:8]
 
 
-def pack_journal_block(block_sequence: int, tag: bytes, records: list[bytes]) -> bytes:
-    """One journal block holding already-packed records (they must fit)."""
+def pack_journal_block(
+    block_sequence: int, tag: bytes, records: list[bytes], durable_through: int
+) -> bytes:
+    """One journal block holding already-packed records (they must fit). Every block
+    before durable_through was on stable media when this one was written."""
     payload = b"".join(records)
     assert len(payload) <= JOURNAL_PAYLOAD_BYTES, len(payload)
     assert len(tag) == 8
+    assert 0 <= durable_through <= block_sequence, (durable_through, block_sequence)
     block = bytearray(BLOCK_BYTES)
     JOURNAL_BLOCK_HEADER.pack_into(
-        block, 0, JOURNAL_MAGIC, 0, len(records), len(payload), block_sequence, tag
-    )
+        block, 0, JOURNAL_MAGIC, 0, len(records), len(payload), block_sequence, tag,
+        durable_through,
+    )  # fmt: skip
     block[JOURNAL_BLOCK_HEADER.size : JOURNAL_BLOCK_HEADER.size + len(payload)] = payload
     struct.pack_into("<I", block, 8, crc32c(block))
     return bytes(block)
+
+
+@dataclass(frozen=True)
+class JournalBlock:
+    block_sequence: int
+    durable_through: int
+    records: list[Record]
+
+    @classmethod
+    def unpack(cls, block: bytes | memoryview, tag: bytes) -> JournalBlock | None:
+        """The block if it is an intact block of the store with this tag, whatever its
+        sequence; None for torn, garbage, zeroed or another store's blocks."""
+        assert len(block) == BLOCK_BYTES
+        magic, stored_crc, count, used, sequence, block_tag, durable_through = (
+            JOURNAL_BLOCK_HEADER.unpack_from(block)
+        )
+        if magic != JOURNAL_MAGIC or block_tag != tag:
+            return None
+        zeroed = bytearray(block)
+        zeroed[8:12] = b"\0\0\0\0"
+        if crc32c(zeroed) != stored_crc or used > JOURNAL_PAYLOAD_BYTES:
+            return None
+        payload = memoryview(block)[JOURNAL_BLOCK_HEADER.size : JOURNAL_BLOCK_HEADER.size + used]
+        try:
+            records = Record.unpack_all(payload, count, f"journal block {sequence}")
+        except LayoutError:
+            return None  # a checksum collision over garbage: not a block we wrote
+        return cls(sequence, durable_through, records)
 
 
 def unpack_journal_block(
     block: bytes | memoryview, expected_sequence: int, tag: bytes
 ) -> list[Record] | None:
     """The records of a valid block with the expected sequence; None for a torn, stale or
-    never-written block (the end of the journal)."""
-    assert len(block) == BLOCK_BYTES
-    magic, stored_crc, count, used, sequence, block_tag = JOURNAL_BLOCK_HEADER.unpack_from(block)
-    if magic != JOURNAL_MAGIC or sequence != expected_sequence or block_tag != tag:
+    never-written block (the end of the journal, or damage: see engine.journal.replay)."""
+    parsed = JournalBlock.unpack(block, tag)
+    if parsed is None or parsed.block_sequence != expected_sequence:
         return None
-    zeroed = bytearray(block)
-    zeroed[8:12] = b"\0\0\0\0"
-    if crc32c(zeroed) != stored_crc or used > JOURNAL_PAYLOAD_BYTES:
-        return None
-    payload = memoryview(block)[JOURNAL_BLOCK_HEADER.size : JOURNAL_BLOCK_HEADER.size + used]
-    return Record.unpack_all(payload, count, f"journal block {sequence}")
+    return parsed.records
 
 
 # ---- Checkpoints -----------------------------------------------------------------------

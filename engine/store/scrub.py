@@ -15,18 +15,16 @@ import numpy as np
 from engine.index import key_digest
 from engine.io.buffers import aligned_array
 from engine.io.ring import UNREGISTERED_BUFFER, Op, Ring
+from engine.journal.journal import highest_sequence
 from engine.nvme.device import Device
 from engine.store.checkpoint import read_checkpoint, write_checkpoint
 from engine.store.layout import (
     BLOCK_BYTES,
     CHECKPOINT_ENTRY_DTYPE,
     EXTENT_HEADER_BYTES,
-    JOURNAL_BLOCK_HEADER,
-    JOURNAL_MAGIC,
     ExtentHeader,
     LayoutError,
     Superblock,
-    crc32c,
     store_tag,
 )
 from engine.store.recovery import read_superblocks
@@ -103,18 +101,22 @@ def rebuild_index_from_extents(
         generations, newest_slot = [0], None
         for slot in (0, 1):
             with contextlib.suppress(LayoutError):
-                checkpoint = read_checkpoint(run, first, slot)
+                checkpoint = read_checkpoint(run, superblocks, slot)
                 if checkpoint is not None:
                     generations.append(checkpoint.header.generation)
                     if checkpoint.header.generation == max(generations):
                         newest_slot = slot
         block_count = first.journal_bytes // BLOCK_BYTES
+        last_written = highest_sequence(
+            run, offset=first.journal_offset, nbytes=first.journal_bytes,
+            tag=store_tag(first.store_uuid),
+        )  # fmt: skip
         write_checkpoint(
             run,
             first,
             0 if newest_slot is None else 1 - newest_slot,
             generation=max(generations) + 1,
-            journal_sequence=highest_journal_sequence(run, first) + block_count + 1,
+            journal_sequence=last_written + block_count + 1,
             next_sequence=int(values["sequence"].max()) + 1 if len(values) else 1,
             log_heads=tuple(heads),
             entries=values,
@@ -189,30 +191,3 @@ def choose_newest_complete(entries: np.ndarray) -> np.ndarray:
         if chosen
         else np.zeros(0, CHECKPOINT_ENTRY_DTYPE)
     )
-
-
-def highest_journal_sequence(run: Callable[[np.ndarray], np.ndarray], first: Superblock) -> int:
-    """The largest block_sequence of any intact journal block of this store (0 if none)."""
-    tag = store_tag(first.store_uuid)
-    chunk_blocks = 256
-    buffer = aligned_array(chunk_blocks * BLOCK_BYTES)
-    block_count = first.journal_bytes // BLOCK_BYTES
-    highest = 0
-    for start in range(0, block_count, chunk_blocks):
-        blocks = min(chunk_blocks, block_count - start)
-        ios = Ring.batch(1)
-        offset = first.journal_offset + start * BLOCK_BYTES
-        ios[0] = (offset, buffer.ctypes.data, blocks * BLOCK_BYTES, UNREGISTERED_BUFFER, 0, Op.READ)
-        run(ios)
-        for i in range(blocks):
-            block = buffer[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES].tobytes()
-            magic, stored_crc, _count, _used, sequence, block_tag = (
-                JOURNAL_BLOCK_HEADER.unpack_from(block)
-            )
-            if magic != JOURNAL_MAGIC or block_tag != tag:
-                continue
-            zeroed = bytearray(block)
-            zeroed[8:12] = b"\0\0\0\0"
-            if crc32c(zeroed) == stored_crc:
-                highest = max(highest, sequence)
-    return highest

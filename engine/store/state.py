@@ -24,6 +24,7 @@ from engine.store.layout import (
     RECORD_PIN,
     RECORD_PUT,
     RECORD_UNPIN,
+    LayoutError,
     Record,
 )
 
@@ -162,6 +163,16 @@ class StoreState:
         return self.index.update_meta_many(digest_array([digest]), clear, set_) > 0
 
     def apply_record(self, record: Record) -> None:
+        if record.key_digest == bytes(16):
+            raise LayoutError(
+                f"journal record of sequence {record.sequence} has an all-zero key digest"
+            )
+        for member, slot in record.parts:
+            if member >= len(self.logs) or slot >= self.logs[member].slot_count:
+                raise LayoutError(
+                    f"journal record of sequence {record.sequence} names member {member} "
+                    f"slot {slot}, outside the store"
+                )
         if record.kind == RECORD_PUT:
             self.apply_put(record.key_digest, record.sequence, record.value_bytes, record.parts)
         elif record.kind == RECORD_DELETE:
@@ -224,7 +235,8 @@ class StoreState:
         return entries
 
     def load_checkpoint_entries(self, entries: np.ndarray) -> None:
-        """Rebuilds the state from checkpoint entries (the state must be empty), with
+        """Rebuilds the state from checkpoint entries (the state must be empty; read_checkpoint
+        has checked that each entry lies inside the store and claims its own slot), with
         numpy over all entries at once: a checkpoint holds one entry per live slot, and
         a store has millions."""
         assert len(self.index) == 0
@@ -250,8 +262,6 @@ class StoreState:
                 f"checkpoint: value {bad['digest'].tobytes().hex()} has inconsistent parts"
             )
         slots = entries["member"].astype(np.uint64) << SLOT_BITS | entries["slot"]
-        if len(np.unique(slots)) != len(slots):
-            raise ValueError("checkpoint: a slot belongs to two values")
         pinned = np.where(first["flags"] & ENTRY_FLAG_PINNED, FLAG_PINNED, 0).astype(np.uint64)
         metas = (
             first["value_bytes"]
@@ -262,8 +272,6 @@ class StoreState:
         for log in self.logs:
             mine = entries["member"] == log.member
             slot_numbers = entries["slot"][mine]
-            if len(slot_numbers) and slot_numbers.max() >= log.slot_count:
-                raise ValueError(f"checkpoint: slot {slot_numbers.max()} past member {log.member}")
             log.state[slot_numbers] = LIVE
             log.digest[slot_numbers] = entries["digest"][mine]
             log.sequence[slot_numbers] = entries["sequence"][mine]

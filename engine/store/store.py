@@ -71,6 +71,18 @@ MIN_POOL_BUFFERS = 8
 # Either way a read verifies checksums, so a lost write is a miss, never wrong bytes.
 STRICT, RELAXED = "strict", "relaxed"
 
+# Makes a ring over the store's devices (and its pool, None while opening). Stores use
+# real rings; crash tests pass a fault-injection test device's (tests/fault_device.py).
+RingFactory = Callable[[list[Device], BufferPool | None], Ring]
+
+
+def shared_ring(devices: list[Device], pool: BufferPool | None) -> Ring:
+    # Not SINGLE_ISSUER: close() frees every thread's ring from one thread, and the kernel
+    # refuses to unregister a single-issuer ring's files from another task, which would
+    # leave the devices held (EBUSY) until an async teardown.
+    return Ring(devices, pool, entries=256, single_issuer=False)
+
+
 logger = logging.getLogger("ctxkv.store")
 DEFAULT_FLUSH_INTERVAL_MS = 100
 
@@ -127,6 +139,7 @@ class Store(Closeable):
         durability: str = STRICT,
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
         discard_freed: bool = False,
+        ring_factory: RingFactory = shared_ring,
     ):
         if durability not in (STRICT, RELAXED):
             raise ValueError(f"durability is {STRICT!r} or {RELAXED!r}, got {durability!r}")
@@ -152,6 +165,7 @@ class Store(Closeable):
             )
         self._pool = BufferPool(self.slot_bytes, pool_buffers)
         self._local = threading.local()
+        self._ring_factory = ring_factory
         self._rings: list[Ring] = []
         self._rings_lock = threading.Lock()
         self._lock = threading.Lock()  # state, allocation, sequence numbers
@@ -159,7 +173,8 @@ class Store(Closeable):
         self._member_cursor = 0
         self._counters = dict.fromkeys(
             ("puts", "gets", "hits", "misses", "deletes", "corrupt_reads", "raced_reads",
-             "checkpoints", "bytes_put", "bytes_got", "flush_errors", "discard_errors"),
+             "read_errors", "failed_puts", "checkpoints", "bytes_put", "bytes_got",
+             "flush_errors", "discard_errors"),
             0)  # fmt: skip
         try:
             self._recover()
@@ -201,6 +216,7 @@ class Store(Closeable):
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
         discard_freed: bool = False,
         io_path: str = AUTO,
+        ring_factory: RingFactory = shared_ring,
     ) -> Store:
         """Makes a new, empty store over targets (in member order) and opens it.
 
@@ -227,7 +243,7 @@ class Store(Closeable):
             write_fresh_store(devices, superblocks)
             return cls(devices, superblocks, [], pool_buffers=pool_buffers,
                        durability=durability, flush_interval_ms=flush_interval_ms,
-                       discard_freed=discard_freed)  # fmt: skip
+                       discard_freed=discard_freed, ring_factory=ring_factory)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
@@ -243,15 +259,16 @@ class Store(Closeable):
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
         discard_freed: bool = False,
         io_path: str = AUTO,
+        ring_factory: RingFactory = shared_ring,
     ) -> Store:
         """Opens an existing store; targets in member order. Recovers after a crash."""
         devices = cls._open_devices(targets, io_path)
         try:
-            with Ring(devices) as ring:
+            with ring_factory(devices, None) as ring:
                 superblocks, damage = read_superblocks(devices, lambda ios: ring.run(ios, depth=8))
             return cls(devices, superblocks, damage, pool_buffers=pool_buffers,
                        durability=durability, flush_interval_ms=flush_interval_ms,
-                       discard_freed=discard_freed)  # fmt: skip
+                       discard_freed=discard_freed, ring_factory=ring_factory)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
@@ -274,7 +291,7 @@ class Store(Closeable):
     def _recover(self) -> None:
         """Newest valid checkpoint, then the journal after it; then a fresh checkpoint."""
         first = self._superblocks[0]
-        checkpoint, damage = newest_checkpoint(self._run, first)
+        checkpoint, damage = newest_checkpoint(self._run, self._superblocks)
         for problem in damage:
             logger.warning("store %s: damaged %s", self.store_uuid, problem)
         self.damage.extend(damage)
@@ -290,18 +307,42 @@ class Store(Closeable):
         tag = store_tag(self.store_uuid)
         last_block = checkpoint.header.journal_sequence - 1
         self.replayed_records = 0
+        # Per member, the newest allocation replayed: (sequence, slot of its last part
+        # there). Records reach the journal in commit order, which concurrent puts make
+        # differ from allocation order; sequence numbers follow allocation order.
+        newest: dict[int, tuple[int, int]] = {}
         for block_sequence, records in replay(
             self._run, offset=first.journal_offset, nbytes=first.journal_bytes, tag=tag,
             start_sequence=checkpoint.header.journal_sequence,
         ):  # fmt: skip
+            if records is None:
+                problem = (
+                    "fails its checksum, yet later blocks were written after it was durable: "
+                    "its records are lost (their puts read as misses or earlier values)"
+                )
+                position = (
+                    first.journal_offset
+                    + ((block_sequence - 1) % (first.journal_bytes // BLOCK_BYTES)) * BLOCK_BYTES
+                )
+                broken = Damage(f"journal block {block_sequence}", position, 0, problem)
+                logger.warning("store %s: damaged %s", self.store_uuid, broken)
+                self.damage.append(broken)
+                last_block = block_sequence
+                continue
             for record in records:
                 self._state.apply_record(record)
                 self._next_sequence = max(self._next_sequence, record.sequence + 1)
-                for member, slot in record.parts if record.kind == RECORD_PUT else ():
-                    log = self._state.logs[member]
-                    log.head = (slot + 1) % log.slot_count
+                if record.kind == RECORD_PUT:
+                    for member, slot in record.parts:
+                        if record.sequence >= newest.get(member, (-1, 0))[0]:
+                            newest[member] = (record.sequence, slot)
                 self.replayed_records += 1
             last_block = block_sequence
+        for member, (sequence, slot) in newest.items():
+            # A put allocated before the checkpoint is already behind its log head.
+            if sequence >= checkpoint.header.next_sequence:
+                log = self._state.logs[member]
+                log.head = (slot + 1) % log.slot_count
         block_count = first.journal_bytes // BLOCK_BYTES
         # Skip a whole lap: blocks of a torn batch may lie beyond the tail, valid but never
         # acknowledged, and must never match an expected sequence number (docs/format.md).
@@ -353,17 +394,14 @@ class Store(Closeable):
         if ring is None:
             if self._closed:
                 raise CtxkvError("the store is closed")
-            # Not SINGLE_ISSUER: close() frees every thread's ring from one thread, and
-            # the kernel refuses to unregister a single-issuer ring's files from another
-            # task, which would leave the devices held (EBUSY) until an async teardown.
-            ring = Ring(self._devices, self._pool, entries=256, single_issuer=False)
+            ring = self._ring_factory(self._devices, self._pool)
             self._local.ring = ring
             with self._rings_lock:
                 self._rings.append(ring)
         return ring
 
-    def _run(self, ios: np.ndarray) -> np.ndarray:
-        return self._ring().run(ios, depth=max(1, min(len(ios), 64)))
+    def _run(self, ios: np.ndarray, *, raise_errors: bool = True) -> np.ndarray:
+        return self._ring().run(ios, depth=max(1, min(len(ios), 64)), raise_errors=raise_errors)
 
     def _slot_offset(self, part: Part) -> int:
         member, slot = part
@@ -373,10 +411,13 @@ class Store(Closeable):
 
     def _flush(self, members: Iterable[int]) -> None:
         members = sorted(set(members))
+        journal_sequence = self._journal.next_sequence
         ios = Ring.batch(len(members))
         for i, member in enumerate(members):
             ios[i] = (0, 0, 0, UNREGISTERED_BUFFER, member, Op.FSYNC)
         self._run(ios)
+        if 0 in members:  # the journal lives on member 0
+            self._journal.flushed(journal_sequence)
 
     def _discard_freed(self) -> None:
         """Discards the slots that deletes and overwrites freed (when discard_freed), then
@@ -402,6 +443,13 @@ class Store(Closeable):
                     log = self._state.logs[member]
                     if log.state[slot] == WRITING:
                         log.state[slot] = FREE
+
+    def sync(self) -> None:
+        """Makes every put acknowledged so far durable: what relaxed durability's flusher
+        does on its timer, now. (Strict puts are durable when they return.)"""
+        if self._closed:
+            raise CtxkvError("the store is closed")
+        self._flush(range(len(self._devices)))
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -459,13 +507,15 @@ class Store(Closeable):
             for key, view in chunk:
                 value_leases = leases[: self._part_count(len(view))]
                 leases = leases[len(value_leases) :]
-                source = ffi.from_buffer(view)
                 crcs = []
-                for part_index, lease in enumerate(value_leases):
-                    start = part_index * self.extent_bytes
-                    nbytes = min(self.extent_bytes, len(view) - start)
-                    payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
-                    crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
+                # Released at once: a buffer still exported from a memoryview that a
+                # traceback cycle keeps alive crashes CPython's collector when it frees both.
+                with ffi.from_buffer(view) as source:
+                    for part_index, lease in enumerate(value_leases):
+                        start = part_index * self.extent_bytes
+                        nbytes = min(self.extent_bytes, len(view) - start)
+                        payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
+                        crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
                 staged.append((key, value_leases, len(view), crcs))
             assert not leases
             self._commit_staged(staged)
@@ -590,23 +640,26 @@ class Store(Closeable):
             self._run(ios)
             if self.durability == STRICT:
                 self._flush(part[0] for p in placements for part in p[5])
+            for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
+                records.append(Record(RECORD_PUT, digest, sequence, nbytes, parts))
+
+            def apply() -> None:
+                with self._lock:
+                    for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
+                        self._state.apply_put(digest, sequence, nbytes, parts)
+                        self._counters["puts"] += 1
+                        self._counters["bytes_put"] += nbytes
+
+            self._journal.commit(records, apply)
         except BaseException:
+            # The write, the flush or the journal failed: these puts are not visible and
+            # their slots go back to the allocator (the evictions made room stay done).
             with self._lock:
                 for *_, parts, _crcs in placements:
                     for member, slot in parts:
                         self._state.logs[member].release(slot)
+                self._counters["failed_puts"] += len(placements)
             raise
-        for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
-            records.append(Record(RECORD_PUT, digest, sequence, nbytes, parts))
-
-        def apply() -> None:
-            with self._lock:
-                for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
-                    self._state.apply_put(digest, sequence, nbytes, parts)
-                    self._counters["puts"] += 1
-                    self._counters["bytes_put"] += nbytes
-
-        self._journal.commit(records, apply)
         self._discard_freed()
 
     def _evict_record(self, eviction: Eviction) -> Record:
@@ -669,26 +722,46 @@ class Store(Closeable):
 
     def read(self, key: bytes) -> ValueLease | None:
         """The value in pool buffers, verified, without a copy; release() it when done."""
-        [lease] = self._read_many([key])
+        [lease] = self.read_many([key])
         return lease
 
     def read_many(self, keys: Sequence[bytes]) -> list[ValueLease | None]:
-        """read() for many keys, all parts read in parallel; release every lease."""
-        return self._read_many(keys)
+        """read() for many keys, all parts read in parallel; release every lease. The
+        leases are held at once, so they must fit in the pool (get_many has no limit)."""
+        plans = self._plan_reads(keys)
+        needed = sum(len(plan[2].parts) for plan in plans if plan)
+        if needed > self._pool.count:
+            raise ValueTooLargeError(
+                f"read_many would hold {needed} pool buffers at once but the pool has "
+                f"{self._pool.count}: read fewer keys at a time, or use get_many"
+            )
+        results: list[ValueLease | None] = []
+        try:
+            for chunk in self._read_chunks(plans):
+                results.extend(chunk)
+        except BaseException:
+            for lease in results:
+                if lease is not None:
+                    lease.release()
+            raise
+        return results
 
     def get(self, key: bytes) -> bytes | None:
         [value] = self.get_many([key])
         return value
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """Values (or None) for keys, all parts of all values read in parallel."""
+        """Values (or None) for keys: as many parts read in parallel as the pool holds,
+        each pool-full copied out and released before the next is read."""
         values: list[bytes | None] = []
-        for lease in self._read_many(keys):
-            if lease is None:
-                values.append(None)
-                continue
-            with lease:
-                values.append(b"".join(bytes(view) for view in lease.views))
+        for chunk in self._read_chunks(self._plan_reads(keys)):
+            try:
+                for lease in chunk:
+                    values.append(None if lease is None else b"".join(map(bytes, lease.views)))
+            finally:
+                for lease in chunk:
+                    if lease is not None:
+                        lease.release()
         return values
 
     def get_into(self, key: bytes, buffer: bytearray | memoryview | np.ndarray) -> int | None:
@@ -709,7 +782,7 @@ class Store(Closeable):
                 offset += len(view)
             return lease.nbytes
 
-    def _read_many(self, keys: Sequence[bytes]) -> list[ValueLease | None]:
+    def _plan_reads(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes, Located] | None]:
         plans: list[tuple[bytes, bytes, Located] | None] = []
         with self._lock:
             for key in keys:
@@ -718,29 +791,27 @@ class Store(Closeable):
                 located = self._state.locate(digest, mark_referenced=True)
                 plans.append((bytes(key), digest, located) if located else None)
             self._counters["gets"] += len(keys)
-        results: list[ValueLease | None] = []
+        return plans
+
+    def _read_chunks(
+        self, plans: list[tuple[bytes, bytes, Located] | None]
+    ) -> Iterator[list[ValueLease | None]]:
+        """The values of plans, a pool-full of parts at a time, in order."""
         chunk: list[tuple[bytes, bytes, Located] | None] = []
         chunk_parts = 0
-        try:
-            for plan in plans:
-                parts = len(plan[2].parts) if plan else 0
-                if parts > self._pool.count:
-                    raise ValueTooLargeError(
-                        f"the value of {plan[0]!r} spans {parts} extents but the pool holds "
-                        f"{self._pool.count} buffers: open the store with more pool_buffers"
-                    )
-                if chunk_parts + parts > self._pool.count:
-                    results.extend(self._read_chunk(chunk, chunk_parts))
-                    chunk, chunk_parts = [], 0
-                chunk.append(plan)
-                chunk_parts += parts
-            results.extend(self._read_chunk(chunk, chunk_parts))
-        except BaseException:
-            for lease in results:
-                if lease is not None:
-                    lease.release()
-            raise
-        return results
+        for plan in plans:
+            parts = len(plan[2].parts) if plan else 0
+            if parts > self._pool.count:
+                raise ValueTooLargeError(
+                    f"the value of {plan[0]!r} spans {parts} extents but the pool holds "
+                    f"{self._pool.count} buffers: open the store with more pool_buffers"
+                )
+            if chunk_parts + parts > self._pool.count:
+                yield self._read_chunk(chunk, chunk_parts)
+                chunk, chunk_parts = [], 0
+            chunk.append(plan)
+            chunk_parts += parts
+        yield self._read_chunk(chunk, chunk_parts)
 
     def _read_chunk(
         self, plans: list[tuple[bytes, bytes, Located] | None], part_total: int
@@ -764,16 +835,21 @@ class Store(Closeable):
                     rows.append(
                         (offset, lease.address, read_bytes, lease.index, part[0], READ_EXTENT)
                     )
-            crcs = []
+            crcs: list[int] = []
+            failures: list[str | None] = []
             if rows:
                 ios = Ring.batch(len(rows))
                 ios[:] = rows
-                crcs = self._run(ios)["payload_crc32c"].tolist()
+                crcs, failures = self._read_extents(ios)
             results: list[ValueLease | None] = []
             hits = 0
             for plan, part_leases in zip(plans, per_value, strict=True):
-                part_crcs, crcs = crcs[: len(part_leases)], crcs[len(part_leases) :]
-                verified = self._verify(plan, part_leases, part_crcs) if plan else None
+                count = len(part_leases)
+                part_crcs, crcs = crcs[:count], crcs[count:]
+                part_failures, failures = failures[:count], failures[count:]
+                verified = (
+                    self._verify(plan, part_leases, part_crcs, part_failures) if plan else None
+                )
                 if verified is not None:
                     kept.update(lease.index for lease in part_leases)
                     hits += 1
@@ -788,15 +864,34 @@ class Store(Closeable):
                 if lease.index not in kept:
                     lease.release()
 
+    def _read_extents(self, ios: np.ndarray) -> tuple[list[int], list[str | None]]:
+        """Runs READ_EXTENT ios: each one's payload CRC, and why it failed (None if it
+        did not). A device error on one extent must not fail the others' reads."""
+        done = self._run(ios, raise_errors=False)
+        assert len(done) == len(ios)
+        failures: list[str | None] = []
+        for wanted, result in zip(ios["nbytes"].tolist(), done["result"].tolist(), strict=True):
+            if result < 0:
+                failures.append(f"read failed: {os.strerror(-result)}")
+            elif result != wanted:
+                failures.append(f"short read: {result} of {wanted} bytes")
+            else:
+                failures.append(None)
+        return done["payload_crc32c"].tolist(), failures
+
     def _payload_bytes(self, value_bytes: int, part_index: int) -> int:
         return min(self.extent_bytes, value_bytes - part_index * self.extent_bytes)
 
     def _verify(
-        self, plan: tuple[bytes, bytes, Located], leases: list[Lease], crcs: list[int]
+        self,
+        plan: tuple[bytes, bytes, Located],
+        leases: list[Lease],
+        crcs: list[int],
+        failures: list[str | None],
     ) -> ValueLease | None:
         """Checks every part against its header and checksum; a ValueLease or None."""
         key, digest, located = plan
-        part_bytes, problem = self._inspect(digest, located, leases, crcs, key)
+        part_bytes, problem = self._inspect(digest, located, leases, crcs, failures, key)
         if problem is None:
             return ValueLease(leases, part_bytes)
         part, _reason = problem
@@ -805,7 +900,8 @@ class Store(Closeable):
             with self._lock:
                 self._counters["raced_reads"] += 1
             return None
-        return self._reject(digest, part)
+        failed_read = failures[located.parts.index(part)] is not None
+        return self._reject(digest, part, "read_errors" if failed_read else "corrupt_reads")
 
     def _inspect(
         self,
@@ -813,16 +909,19 @@ class Store(Closeable):
         located: Located,
         leases: list[Lease],
         crcs: list[int],
+        failures: list[str | None],
         key: bytes | None,
     ) -> tuple[list[int], tuple[Part | None, str] | None]:
         """(payload bytes per part, None) when the value read into leases is intact, else
         ([], (the bad part or None when the parts disagree, what is wrong)). crcs are the
-        payload checksums the reads computed (READ_EXTENT). With key None the header's key
-        is checked against the digest instead."""
+        payload checksums the reads computed (READ_EXTENT), failures why a read failed.
+        With key None the header's key is checked against the digest instead."""
         sequences = set()
         part_bytes = []
-        parts = zip(leases, located.parts, crcs, strict=True)
-        for part_index, (lease, part, payload_crc) in enumerate(parts):
+        parts = zip(leases, located.parts, crcs, failures, strict=True)
+        for part_index, (lease, part, payload_crc, failure) in enumerate(parts):
+            if failure is not None:
+                return [], (part, failure)
             view = lease.memoryview
             try:
                 header = ExtentHeader.unpack(view[:EXTENT_HEADER_BYTES], "extent header")
@@ -850,16 +949,16 @@ class Store(Closeable):
             return [], (None, f"parts carry different put sequences {sorted(sequences)}")
         return part_bytes, None
 
-    def _reject(self, digest: bytes, part: Part) -> None:
-        """A part that fails verification: a race with an overwrite (the index moved on)
-        or damage (quarantine the slot, drop the value)."""
+    def _reject(self, digest: bytes, part: Part, counter: str) -> None:
+        """A part that fails verification or whose read failed: a race with an overwrite
+        (the index moved on) or damage (quarantine the slot, drop the value)."""
         with self._lock:
             located = self._state.locate(digest)
             if located is None or part not in located.parts:
                 self._counters["raced_reads"] += 1
                 return None
             self._state.quarantine(digest, part)
-            self._counters["corrupt_reads"] += 1
+            self._counters[counter] += 1
         return None
 
     def verify_all(
@@ -893,8 +992,8 @@ class Store(Closeable):
                         part[0],
                         READ_EXTENT,
                     )
-                crcs = self._run(ios)["payload_crc32c"].tolist()
-                _sizes, problem = self._inspect(digest, located, leases, crcs, key=None)
+                crcs, failures = self._read_extents(ios)
+                _sizes, problem = self._inspect(digest, located, leases, crcs, failures, key=None)
             finally:
                 for lease in leases:
                     lease.release()
