@@ -76,6 +76,10 @@ if [ ! -s "$INITRD" ]; then
     chmod +x "$root/init"
     (cd "$root" && find . | "$BUSYBOX" cpio -o -H newc | gzip -1) >"$INITRD.tmp"
     mv "$INITRD.tmp" "$INITRD"
+    # Those of an earlier vm/init are never used again.
+    for stale in "$CACHE"/initrd-"$KVER"-*.cpio.gz; do
+        [ "$stale" = "$INITRD" ] || rm -f "$stale"
+    done
 fi
 
 echo "KVER=$KVER"
