@@ -8,11 +8,11 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvme-dev \
-	fio strace e2fsprogs util-linux
+	fio strace e2fsprogs util-linux qemu-system-x86 busybox-static nvme-cli
 DEMO_DIR ?= /var/tmp/ctxkv-demo
 DEMO_TARGET := $(DEMO_DIR)/target.img
 
-.PHONY: setup system-packages demo test test-crash lint bench-raw bench-store clean
+.PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -21,10 +21,11 @@ system-packages:
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/build.py
+$(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/*.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
@@ -46,7 +47,13 @@ demo: setup
 	$(BIN)/ctxkv scrub $(DEMO_TARGET)
 
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not nvme_vm"
+
+# The QEMU tier (tests/test_nvme_vm.py): one guest with an emulated NVMe controller runs
+# identify, both I/O paths, a store on each and NVMe-oF tcp + loop targets. The guest
+# kernel is downloaded once into $$CTXKV_VM_CACHE (default /var/cache/ctxkv-vm).
+test-nvme: setup
+	$(BIN)/pytest -v -s -m nvme_vm tests/test_nvme_vm.py
 
 # The long proof (docs/guarantees.md): every history of up to 3 ops crashed at every
 # flush point, 2,000 random seeds, 20 kill -9 rounds of ctxkv serve, and 2,000 fuzz cases

@@ -7,7 +7,11 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["engine", "engine.*"]),
     setup_requires=["cffi>=1.16"],
-    cffi_modules=["native/build.py:ffibuilder", "native/index_build.py:ffibuilder"],
+    cffi_modules=[
+        "native/build.py:ffibuilder",
+        "native/index_build.py:ffibuilder",
+        "native/nvme_build.py:ffibuilder",
+    ],
     install_requires=["cffi>=1.16", "numpy>=1.26"],
     extras_require={
         "test": [

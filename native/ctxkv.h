@@ -94,6 +94,7 @@ struct ctxkv_progress {
 
 enum ctxkv_ring_mode {
     CTXKV_RING_SINGLE_ISSUER = 1, /* the creating thread is the only one to use the ring */
+    CTXKV_RING_NVME_PASSTHRU = 2, /* SQE128|CQE32, for ctxkv_ring_set_passthru files */
 };
 
 struct ctxkv_ring;
@@ -112,6 +113,20 @@ int ctxkv_ring_register_buffers(struct ctxkv_ring *ring, const uint64_t *addrs,
 /* Registers n files; chunk_bytes[i] is where I/O on file i is split (its max transfer). */
 int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
                               const uint32_t *chunk_bytes, uint32_t n);
+
+enum ctxkv_passthru_flags {
+    /* Commands on registered buffers say so (IORING_URING_CMD_FIXED, Linux 6.1+), and the
+     * kernel skips mapping the pages per command. Without it they go as plain buffers. */
+    CTXKV_PASSTHRU_FIXED_BUFFERS = 1,
+};
+
+/* Makes registered file file_index an NVMe generic char device (/dev/ngXnY): its reads,
+ * writes and fsyncs become NVMe Read, Write and Flush commands (IORING_OP_URING_CMD) on
+ * namespace nsid with 2^lba_shift-byte blocks. Its chunk_bytes must be at most the
+ * namespace's max transfer: nothing below splits. flags: enum ctxkv_passthru_flags.
+ * The ring must have been made with CTXKV_RING_NVME_PASSTHRU. */
+int ctxkv_ring_set_passthru(struct ctxkv_ring *ring, uint32_t file_index, uint32_t nsid,
+                            uint32_t lba_shift, uint32_t flags);
 
 /* Runs ios[0..n) with at most depth logical I/Os in flight, splitting each at its
  * file's chunk_bytes. Stops starting new I/O once deadline_ns (CLOCK_MONOTONIC; 0 =

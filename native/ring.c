@@ -12,6 +12,7 @@
 #include <liburing.h>
 
 #include "ctxkv.h"
+#include "nvme_cmd.h"
 
 #define CTXKV_MAX_FILES 256
 
@@ -21,7 +22,16 @@ struct ctxkv_ring {
     uint32_t nbuffers;
     uint32_t nfiles;
     uint32_t chunk_bytes[CTXKV_MAX_FILES];
+    /* NVMe passthrough files (ctxkv_ring_set_passthru): nsid 0 means a plain file. */
+    uint32_t passthru_nsid[CTXKV_MAX_FILES];
+    uint8_t passthru_lba_shift[CTXKV_MAX_FILES];
+    uint8_t passthru_fixed_buffers[CTXKV_MAX_FILES];
 };
+
+/* user_data: the I/O's index in the low bits; for passthrough chunks, the chunk's length
+ * in 512-byte sectors above them, because an NVMe completion says "done", not how much. */
+#define USER_DATA_INDEX_BITS 40
+#define USER_DATA_INDEX_MASK ((UINT64_C(1) << USER_DATA_INDEX_BITS) - 1)
 
 _Static_assert(sizeof(struct ctxkv_io) == 24, "struct ctxkv_io is mirrored by a numpy dtype");
 _Static_assert(sizeof(struct ctxkv_io_result) == 32, "mirrored by a numpy dtype");
@@ -49,6 +59,10 @@ int ctxkv_ring_new(uint32_t entries, uint32_t mode, struct ctxkv_ring **out)
     struct ctxkv_ring *ring = calloc(1, sizeof(*ring));
     if (!ring)
         return -ENOMEM;
+    /* NVMe passthrough commands are 64 bytes and their completions carry 16 more. */
+    uint32_t required = (mode & CTXKV_RING_NVME_PASSTHRU)
+                            ? IORING_SETUP_SQE128 | IORING_SETUP_CQE32
+                            : 0;
     int result = -EINVAL;
     for (size_t i = 0; i < sizeof(candidates) / sizeof(candidates[0]); i++) {
         uint32_t flags = candidates[i];
@@ -56,7 +70,7 @@ int ctxkv_ring_new(uint32_t entries, uint32_t mode, struct ctxkv_ring **out)
             continue;
         struct io_uring_params params;
         memset(&params, 0, sizeof(params));
-        params.flags = flags | IORING_SETUP_CLAMP;
+        params.flags = flags | required | IORING_SETUP_CLAMP;
         result = io_uring_queue_init_params(entries, &ring->uring, &params);
         if (result == 0) {
             ring->setup_flags = params.flags;
@@ -135,6 +149,20 @@ int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
     return 0;
 }
 
+int ctxkv_ring_set_passthru(struct ctxkv_ring *ring, uint32_t file_index, uint32_t nsid,
+                            uint32_t lba_shift, uint32_t flags)
+{
+    uint32_t big = IORING_SETUP_SQE128 | IORING_SETUP_CQE32;
+    if ((ring->setup_flags & big) != big || file_index >= ring->nfiles || nsid == 0 ||
+        lba_shift < 9 || lba_shift > 16 || ring->chunk_bytes[file_index] % (1u << lba_shift) ||
+        (flags & ~(uint32_t)CTXKV_PASSTHRU_FIXED_BUFFERS))
+        return -EINVAL;
+    ring->passthru_nsid[file_index] = nsid;
+    ring->passthru_lba_shift[file_index] = (uint8_t)lba_shift;
+    ring->passthru_fixed_buffers[file_index] = !!(flags & CTXKV_PASSTHRU_FIXED_BUFFERS);
+    return 0;
+}
+
 static uint32_t chunk_count(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
 {
     if ((io->opcode & CTXKV_OP_MASK) == CTXKV_OP_FSYNC)
@@ -160,10 +188,33 @@ static int io_is_valid(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
     return io->buf_index == CTXKV_UNREGISTERED_BUFFER || io->buf_index < ring->nbuffers;
 }
 
-/* user_data is the I/O's index, so a completion needs no lookup table. */
-static void prep_chunk(struct io_uring_sqe *sqe, const struct ctxkv_io *io, uint64_t index,
-                       uint32_t chunk_offset, uint32_t chunk_len)
+static void prep_passthru_chunk(const struct ctxkv_ring *ring, struct io_uring_sqe *sqe,
+                                const struct ctxkv_io *io, uint64_t index,
+                                uint32_t chunk_offset, uint32_t chunk_len)
 {
+    static const uint8_t nvme_opcode[] = {
+        [CTXKV_OP_READ] = CTXKV_NVME_READ,
+        [CTXKV_OP_WRITE] = CTXKV_NVME_WRITE,
+        [CTXKV_OP_FSYNC] = CTXKV_NVME_FLUSH,
+    };
+    uint8_t file = io->file_index;
+    ctxkv_prep_nvme_cmd(sqe, nvme_opcode[io->opcode & CTXKV_OP_MASK], file,
+                        ring->passthru_nsid[file], ring->passthru_lba_shift[file],
+                        io->offset + chunk_offset, io->addr + chunk_offset, chunk_len,
+                        ring->passthru_fixed_buffers[file] ? io->buf_index
+                                                           : CTXKV_UNREGISTERED_BUFFER);
+    io_uring_sqe_set_data64(sqe, index | (uint64_t)(chunk_len >> 9) << USER_DATA_INDEX_BITS);
+}
+
+/* user_data is the I/O's index, so a completion needs no lookup table. */
+static void prep_chunk(const struct ctxkv_ring *ring, struct io_uring_sqe *sqe,
+                       const struct ctxkv_io *io, uint64_t index, uint32_t chunk_offset,
+                       uint32_t chunk_len)
+{
+    if (ring->passthru_nsid[io->file_index]) {
+        prep_passthru_chunk(ring, sqe, io, index, chunk_offset, chunk_len);
+        return;
+    }
     void *addr = (void *)(uintptr_t)(io->addr + chunk_offset);
     uint64_t offset = io->offset + chunk_offset;
     int registered = io->buf_index != CTXKV_UNREGISTERED_BUFFER;
@@ -207,7 +258,7 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
                        uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
                        struct ctxkv_progress *progress)
 {
-    if (depth == 0)
+    if (depth == 0 || n > USER_DATA_INDEX_MASK)
         return -EINVAL;
     const uint32_t cq_capacity = ring->uring.cq.ring_entries;
     uint64_t next = 0;            /* first I/O not yet fully queued */
@@ -254,7 +305,7 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
             uint32_t remaining = fsync ? 0 : io->nbytes - next_offset;
             uint32_t chunk = ring->chunk_bytes[io->file_index];
             uint32_t chunk_len = remaining < chunk ? remaining : chunk;
-            prep_chunk(sqe, io, next, next_offset, chunk_len);
+            prep_chunk(ring, sqe, io, next, next_offset, chunk_len);
             chunks_in_flight++;
             next_offset += chunk_len;
             if (next_offset >= io->nbytes || fsync) {
@@ -278,17 +329,23 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
         unsigned reaped = 0;
         io_uring_for_each_cqe(&ring->uring, head, cqe)
         {
-            struct ctxkv_io_result *r = &results[cqe->user_data];
-            if (cqe->res < 0) {
+            uint64_t index = cqe->user_data & USER_DATA_INDEX_MASK;
+            struct ctxkv_io_result *r = &results[index];
+            int64_t res = cqe->res;
+            if (ring->passthru_nsid[ios[index].file_index])
+                res = ctxkv_nvme_cmd_result(cqe->res,
+                                            (uint32_t)(cqe->user_data >> USER_DATA_INDEX_BITS)
+                                                << 9);
+            if (res < 0) {
                 if (r->result >= 0)
-                    r->result = cqe->res; /* the first error is the one to report */
+                    r->result = res; /* the first error is the one to report */
             } else if (r->result >= 0) {
-                r->result += cqe->res; /* a short chunk leaves result below nbytes */
+                r->result += res; /* a short chunk leaves result below nbytes */
             }
             reaped++;
             chunks_in_flight--;
             if (--r->chunks_pending == 0) {
-                const struct ctxkv_io *io = &ios[cqe->user_data];
+                const struct ctxkv_io *io = &ios[index];
                 if ((io->opcode & CTXKV_OP_FLAG_EXTENT_CRC) && r->result == io->nbytes)
                     r->payload_crc32c = extent_payload_crc(io);
                 r->complete_ns = ctxkv_monotonic_ns();

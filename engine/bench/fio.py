@@ -11,11 +11,14 @@ comparison reserves some: `echo 64 > /proc/sys/vm/nr_hugepages`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
 from engine.bench.job import Job, format_size
 from engine.bench.result import RunResult
+from engine.nvme.discovery import block_name_of, max_hw_transfer_bytes
+from engine.nvme.passthru import generic_path_of
 
 FIO_TIMEOUT_SLACK_S = 60
 HUGEPAGE_BYTES = 2 << 20
@@ -36,8 +39,10 @@ def fio_buffer_bytes(job: Job) -> int:
 
 def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
     """fio's command line for job (without the executable)."""
+    passthru = job.io_path == "passthru"
+    targets = [generic_path_of(target) for target in job.targets] if passthru else job.targets
     # fio separates files with ':', so a ':' inside a path is escaped.
-    filenames = ":".join(target.replace(":", "\\:") for target in job.targets)
+    filenames = ":".join(target.replace(":", "\\:") for target in targets)
     arguments = [
         "--name=fio",
         f"--filename={filenames}",
@@ -45,8 +50,13 @@ def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
         f"--bs={format_size(job.block_bytes)}",
         f"--iodepth={job.iodepth}",
         f"--numjobs={job.numjobs}",
-        "--ioengine=io_uring",
-        "--direct=1",
+        # NVMe commands on the char devices; O_DIRECT means nothing there (and open
+        # refuses it on a char device).
+        *(
+            ["--ioengine=io_uring_cmd", "--cmd_type=nvme"]
+            if passthru
+            else ["--ioengine=io_uring", "--direct=1"]
+        ),
         "--fixedbufs=1",
         "--registerfiles=1",
         "--group_reporting=1",
@@ -65,7 +75,23 @@ def fio_arguments(job: Job, *, hugepages: bool = False) -> list[str]:
     return arguments
 
 
+def check_passthru_block_size(job: Job) -> None:
+    """fio's io_uring_cmd engine sends each block as one NVMe command, unsplit: a block
+    above the namespace's max transfer (MDTS) would fail with EINVAL for every I/O."""
+    for target in job.targets:
+        block_name = block_name_of(os.path.basename(generic_path_of(target)))
+        limit = max_hw_transfer_bytes(block_name or "")
+        if limit and job.block_bytes > limit:
+            raise ValueError(
+                f"--bs {format_size(job.block_bytes)} is above the {format_size(limit)} that "
+                f"{target} takes in one NVMe command, and fio's io_uring_cmd engine does not "
+                f"split; use --bs {format_size(limit)} or less, or --io-path block"
+            )
+
+
 def run_fio(job: Job) -> RunResult:
+    if job.io_path == "passthru":
+        check_passthru_block_size(job)
     executable = shutil.which("fio")
     if executable is None:
         raise FileNotFoundError(

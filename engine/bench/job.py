@@ -43,6 +43,9 @@ class Job:
     time_based: bool = False
     name: str = "ctxkv"
     extra: dict[str, str] = field(default_factory=dict)  # more fio options (fio side only)
+    # How ctxkv reaches NVMe namespaces (engine.nvme.passthru.IO_PATHS); on passthru, fio
+    # runs its io_uring_cmd engine on the namespaces' char devices.
+    io_path: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.targets:

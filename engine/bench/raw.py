@@ -131,7 +131,7 @@ def run_raw(job: Job, on_progress: ProgressCallback | None = None) -> RunResult:
     """Runs job through ctxkv's raw path; returns what it measured."""
     with contextlib.ExitStack() as stack:
         devices = [
-            stack.enter_context(Device.open(target, writable=not job.is_read))
+            stack.enter_context(Device.open(target, writable=not job.is_read, io_path=job.io_path))
             for target in job.targets
         ]
         region = region_bytes(job, devices)
@@ -202,5 +202,6 @@ def run_raw(job: Job, on_progress: ProgressCallback | None = None) -> RunResult:
                 "ring_setup_flags": outcomes[0].setup_flags,
                 "pool_backing": pool.backing,
                 "chunk_bytes": first_device.max_transfer_bytes,
+                "io_path": devices[0].io_path,
             },
         )

@@ -30,6 +30,7 @@ def run_store(
     store = Store.format(
         job.targets, extent_size=job.block_bytes, force=True,
         pool_buffers=job.iodepth * job.numjobs + 2, durability=durability,
+        io_path=job.io_path,
     )  # fmt: skip
     with store:
         count = value_count(job, store)

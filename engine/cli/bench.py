@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -12,6 +13,8 @@ from engine.bench.raw import ProgressCallback, run_raw
 from engine.bench.report import comparison_json, describe_comparison, describe_run, run_json
 from engine.bench.result import RunResult
 from engine.bench.store_mode import run_store
+from engine.cli.store import add_io_path_argument
+from engine.nvme.passthru import AUTO, BLOCK, PASSTHRU, split_target
 from engine.store.store import RELAXED, STRICT
 
 
@@ -61,6 +64,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="fio/ctxkv pairs with --compare-fio (default 3)"
     )
+    add_io_path_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -89,6 +93,7 @@ def run(arguments: argparse.Namespace) -> int:
         size_bytes=arguments.size,
         runtime_s=arguments.runtime,
         time_based=arguments.time_based,
+        io_path=arguments.io_path,
     )
     normal = arguments.output_format == "normal"
     progress = terminal_progress(f"ctxkv {job.rw}")
@@ -119,6 +124,15 @@ def run(arguments: argparse.Namespace) -> int:
             sys.stderr.write(f"round {round_index}: {result.engine} done\n")
 
     runners = {"ctxkv": run_raw}
+    if job.io_path == AUTO and all(split_target(target, AUTO)[1] for target in job.targets):
+        # NVMe namespaces: both of ctxkv's paths, against fio's io_uring_cmd engine.
+        job = dataclasses.replace(job, io_path=PASSTHRU)
+        runners = {
+            "ctxkv-passthru": run_raw,
+            "ctxkv-block": lambda job, progress: run_raw(
+                dataclasses.replace(job, io_path=BLOCK), progress
+            ),
+        }
     if arguments.mode == "store":
         runners["ctxkv-store"] = store_runner
     comparison = run_compare(job, arguments.rounds, show_run, progress, runners)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine import __version__
-from engine.cli import bench, demo, serve, store
+from engine.cli import bench, demo, devices, fabrics, serve, store
 from engine.errors import CtxkvError
 
 EXIT_USAGE = 2
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)
+    devices.add_parser(commands)
+    fabrics.add_parsers(commands)
     return parser
 
 

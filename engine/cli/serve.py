@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 
+from engine.cli.store import add_io_path_argument
 from engine.client.client import parse_address
 from engine.server.server import Server
 from engine.store.store import RELAXED, STRICT, Store
@@ -38,6 +39,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="extent buffers in the pool: bounds memory and the largest value (default ~256 MiB)",
     )
+    add_io_path_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -60,6 +62,7 @@ def run(arguments: argparse.Namespace) -> int:
         durability=arguments.durability,
         pool_buffers=arguments.pool_buffers,
         discard_freed=arguments.discard_freed,
+        io_path=arguments.io_path,
     ) as store:
         server = Server(store, host, port, token=token, max_connections=arguments.max_connections)
         metrics = parse_address(arguments.metrics) if arguments.metrics else None

@@ -7,6 +7,7 @@ import json
 import sys
 
 from engine.bench.job import parse_size
+from engine.nvme.passthru import AUTO, IO_PATHS
 from engine.store.scrub import scrub
 from engine.store.store import Store
 
@@ -25,11 +26,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="overwrite a filesystem, partition table or store found on a target",
     )
+    add_io_path_argument(parser)
     parser.set_defaults(run=run_format)
 
     parser = commands.add_parser("info", help="describe a store")
     parser.add_argument("targets", nargs="+", metavar="TARGET")
     parser.add_argument("--json", action="store_true")
+    add_io_path_argument(parser)
     parser.set_defaults(run=run_info)
 
     for name, help_text, runner in (
@@ -42,6 +45,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--key", required=True, help="the key, as UTF-8 text")
         if name != "del":
             parser.add_argument("--file", help="read the value from / write it to this file")
+        add_io_path_argument(parser)
         parser.set_defaults(run=runner)
 
     parser = commands.add_parser(
@@ -59,12 +63,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     parser = commands.add_parser("ls", help="list the keys of a store")
     parser.add_argument("targets", nargs="+", metavar="TARGET")
+    add_io_path_argument(parser)
     parser.set_defaults(run=run_ls)
+
+
+def add_io_path_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--io-path",
+        choices=IO_PATHS,
+        default=AUTO,
+        help="NVMe namespaces: io_uring passthrough on /dev/ngXnY (passthru) or the block "
+        "layer (block); auto: passthru where the kernel can (default)",
+    )
 
 
 def run_format(arguments: argparse.Namespace) -> int:
     with Store.format(arguments.targets, extent_size=arguments.extent_size, force=arguments.force,
-                      pool_buffers=2) as store:  # fmt: skip
+                      pool_buffers=2, io_path=arguments.io_path) as store:  # fmt: skip
         stats = store.stats()
     print(f"formatted store {stats['store_uuid']}: {len(arguments.targets)} member(s), "
           f"{stats['slots']} extents of {stats['extent_bytes']} bytes "
@@ -73,7 +88,7 @@ def run_format(arguments: argparse.Namespace) -> int:
 
 
 def run_info(arguments: argparse.Namespace) -> int:
-    with Store.open(arguments.targets, pool_buffers=2) as store:
+    with Store.open(arguments.targets, pool_buffers=2, io_path=arguments.io_path) as store:
         stats = store.stats()
     if arguments.json:
         print(json.dumps(stats, indent=2))
@@ -89,13 +104,13 @@ def run_put(arguments: argparse.Namespace) -> int:
             value = file.read()
     else:
         value = sys.stdin.buffer.read()
-    with Store.open(arguments.targets) as store:
+    with Store.open(arguments.targets, io_path=arguments.io_path) as store:
         store.put(arguments.key.encode(), value)
     return 0
 
 
 def run_get(arguments: argparse.Namespace) -> int:
-    with Store.open(arguments.targets) as store:
+    with Store.open(arguments.targets, io_path=arguments.io_path) as store:
         value = store.get(arguments.key.encode())
     if value is None:
         print(f"ctxkv get: no key {arguments.key!r}", file=sys.stderr)
@@ -109,7 +124,7 @@ def run_get(arguments: argparse.Namespace) -> int:
 
 
 def run_del(arguments: argparse.Namespace) -> int:
-    with Store.open(arguments.targets, pool_buffers=2) as store:
+    with Store.open(arguments.targets, pool_buffers=2, io_path=arguments.io_path) as store:
         deleted = store.delete(arguments.key.encode())
     if not deleted:
         print(f"ctxkv del: no key {arguments.key!r}", file=sys.stderr)
@@ -118,7 +133,7 @@ def run_del(arguments: argparse.Namespace) -> int:
 
 
 def run_ls(arguments: argparse.Namespace) -> int:
-    with Store.open(arguments.targets, pool_buffers=2) as store:
+    with Store.open(arguments.targets, pool_buffers=2, io_path=arguments.io_path) as store:
         for key in sorted(store.keys()):
             print(key.decode(errors="backslashreplace"))
     return 0

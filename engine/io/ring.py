@@ -72,6 +72,8 @@ SETUP_FLAG_NAMES = {
     1 << 12: "SINGLE_ISSUER",
     1 << 13: "DEFER_TASKRUN",
     1 << 4: "CLAMP",
+    1 << 10: "SQE128",
+    1 << 11: "CQE32",
 }
 
 
@@ -116,6 +118,8 @@ class Ring(Closeable):
         self._owner_thread = threading.get_ident() if single_issuer else None
         ring_out = ffi.new("struct ctxkv_ring **")
         mode = lib.CTXKV_RING_SINGLE_ISSUER if single_issuer else 0
+        if any(device.passthru is not None for device in self.devices):
+            mode |= lib.CTXKV_RING_NVME_PASSTHRU
         result = lib.ctxkv_ring_new(entries, mode, ring_out)
         if result < 0:
             raise native_error(result, f"io_uring_setup with {entries} entries")
@@ -132,13 +136,29 @@ class Ring(Closeable):
         self._writable = np.array([device.writable for device in self.devices], dtype=bool)
 
     def _register(self, pool: BufferPool | None) -> None:
-        fds = ffi.new("int32_t[]", [device.fd for device in self.devices])
+        # A passthrough device's I/O goes to its NVMe char device, as NVMe commands.
+        fds = ffi.new(
+            "int32_t[]",
+            [
+                device.fd if device.passthru is None else device.passthru.fd
+                for device in self.devices
+            ],
+        )
         chunk_bytes = ffi.new(
             "uint32_t[]", [device.geometry.max_transfer_bytes for device in self.devices]
         )
         result = lib.ctxkv_ring_register_files(self._ring, fds, chunk_bytes, len(self.devices))
         if result < 0:
             raise native_error(result, "io_uring_register_files")
+        for file_index, device in enumerate(self.devices):
+            if device.passthru is not None:
+                passthru = device.passthru
+                flags = lib.CTXKV_PASSTHRU_FIXED_BUFFERS if passthru.fixed_buffers else 0
+                result = lib.ctxkv_ring_set_passthru(
+                    self._ring, file_index, passthru.nsid, passthru.lba_shift, flags
+                )
+                if result < 0:
+                    raise native_error(result, f"NVMe passthrough on {passthru.path}")
         if pool is None:
             return
         iovecs = pool.iovecs()

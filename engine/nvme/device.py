@@ -9,6 +9,7 @@ ctxkv never writes raw blocks under a live user.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import os
@@ -28,6 +29,13 @@ from engine.errors import (
     OutOfRangeError,
     ReadOnlyDeviceError,
     UnsupportedTargetError,
+)
+from engine.nvme.passthru import (
+    AUTO,
+    Passthru,
+    max_command_bytes,
+    open_passthru,
+    split_target,
 )
 
 # <linux/fs.h> block device ioctls.
@@ -167,9 +175,19 @@ class Device(Closeable):
     geometry: Geometry
     writable: bool
     exclusive: bool
+    # Set on the NVMe passthrough path: the namespace's char device, which the ring sends
+    # this device's I/O to; fd stays the block device's, holding the exclusive claim.
+    passthru: Passthru | None
 
     def __init__(
-        self, path: str, fd: int, geometry: Geometry, *, writable: bool, exclusive: bool
+        self,
+        path: str,
+        fd: int,
+        geometry: Geometry,
+        *,
+        writable: bool,
+        exclusive: bool,
+        passthru: Passthru | None = None,
     ) -> None:
         assert os.path.isabs(path), path
         assert fd >= 0, fd
@@ -178,14 +196,23 @@ class Device(Closeable):
         self.geometry = geometry
         self.writable = writable
         self.exclusive = exclusive
+        self.passthru = passthru
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, writable: bool = True, exclusive: bool = True
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = True,
+        exclusive: bool = True,
+        io_path: str = AUTO,
     ) -> Device:
+        """io_path: block, passthru (NVMe namespaces only), or auto: passthrough for an
+        NVMe namespace when the kernel can, the block layer otherwise. A /dev/ngXnY path
+        opens its namespace's /dev/nvmeXnY for passthrough."""
         # abspath, not realpath: a /dev/disk/by-id name is what the operator configured and
         # recognises in messages, and it survives renumbering across boots.
-        path_abs = os.path.abspath(os.fspath(path))
+        path_abs, use_passthru = split_target(os.path.abspath(os.fspath(path)), io_path)
         try:
             status = os.stat(path_abs)
         except (FileNotFoundError, NotADirectoryError):
@@ -234,10 +261,27 @@ class Device(Closeable):
                 geometry = _block_geometry(fd, opened)
             else:
                 geometry = _file_geometry(fd, opened, path_abs)
+            passthru = None
+            if use_passthru:
+                # Last: nothing after it can fail and leave its fd open.
+                geometry = dataclasses.replace(
+                    geometry,
+                    max_transfer_bytes=max_command_bytes(
+                        path_abs, geometry.max_transfer_bytes, geometry.logical_block_bytes
+                    ),
+                )
+                passthru = open_passthru(path_abs, geometry.logical_block_bytes, writable=writable)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path_abs, fd, geometry, writable=writable, exclusive=exclusive)
+        return cls(
+            path_abs, fd, geometry, writable=writable, exclusive=exclusive, passthru=passthru
+        )
+
+    @property
+    def io_path(self) -> str:
+        """How I/O reaches the target: passthru, block or file."""
+        return "passthru" if self.passthru is not None else self.geometry.kind
 
     @property
     def closed(self) -> bool:
@@ -281,6 +325,9 @@ class Device(Closeable):
                 f"{offset} needs writable=True"
             )
         self.check_io(offset, nbytes)
+        if self.passthru is not None and self.geometry.discard_supported:
+            self.passthru.deallocate(offset, nbytes, device_path=self.path)
+            return
         if self.geometry.kind == "block":
             if not self.geometry.discard_supported:
                 raise UnsupportedTargetError(
@@ -312,6 +359,8 @@ class Device(Closeable):
         fd = self.fd
         # Marked closed first: a stale number must never reach a later, unrelated file.
         self.fd = -1
+        if self.passthru is not None:
+            os.close(self.passthru.fd)
         os.close(fd)
 
     def _check_open(self) -> None:
@@ -326,7 +375,7 @@ class Device(Closeable):
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("rw" if self.writable else "ro")
         return (
-            f"Device(path={self.path!r}, kind={self.geometry.kind}, "
+            f"Device(path={self.path!r}, kind={self.geometry.kind}, io_path={self.io_path}, "
             f"capacity_bytes={self.geometry.capacity_bytes}, "
             f"logical_block_bytes={self.geometry.logical_block_bytes}, {state})"
         )

@@ -25,6 +25,7 @@ from engine.io.buffers import BufferPool, Lease, aligned_array
 from engine.io.ring import EXTENT_CRC, UNREGISTERED_BUFFER, Op, Ring
 from engine.journal.journal import Journal, replay
 from engine.nvme.device import Device
+from engine.nvme.passthru import AUTO
 from engine.store.checkpoint import newest_checkpoint, write_checkpoint
 from engine.store.format import (
     TargetInUseError,
@@ -214,6 +215,7 @@ class Store(Closeable):
         durability: str = STRICT,
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
         discard_freed: bool = False,
+        io_path: str = AUTO,
         ring_factory: RingFactory = shared_ring,
     ) -> Store:
         """Makes a new, empty store over targets (in member order) and opens it.
@@ -221,8 +223,9 @@ class Store(Closeable):
         Refuses targets that hold a filesystem, partition table or store unless force;
         a mounted target is always refused. durability: see STRICT and RELAXED.
         discard_freed: discard (TRIM) the extents of deleted and overwritten values, so
-        the device knows they hold nothing; evicted extents are rewritten at once anyway."""
-        devices = cls._open_devices(targets)
+        the device knows they hold nothing; evicted extents are rewritten at once anyway.
+        io_path: how I/O reaches NVMe namespaces (engine.nvme.passthru.IO_PATHS)."""
+        devices = cls._open_devices(targets, io_path)
         try:
             if not force:
                 for device in devices:
@@ -255,10 +258,11 @@ class Store(Closeable):
         durability: str = STRICT,
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
         discard_freed: bool = False,
+        io_path: str = AUTO,
         ring_factory: RingFactory = shared_ring,
     ) -> Store:
         """Opens an existing store; targets in member order. Recovers after a crash."""
-        devices = cls._open_devices(targets)
+        devices = cls._open_devices(targets, io_path)
         try:
             with ring_factory(devices, None) as ring:
                 superblocks, damage = read_superblocks(devices, lambda ios: ring.run(ios, depth=8))
@@ -271,13 +275,13 @@ class Store(Closeable):
             raise
 
     @staticmethod
-    def _open_devices(targets: Sequence[str | os.PathLike]) -> list[Device]:
+    def _open_devices(targets: Sequence[str | os.PathLike], io_path: str) -> list[Device]:
         if not targets:
             raise ValueError("a store needs at least one target")
         devices: list[Device] = []
         try:
             for target in targets:
-                devices.append(Device.open(target))
+                devices.append(Device.open(target, io_path=io_path))
         except BaseException:
             for device in devices:
                 device.close()
