@@ -14,7 +14,7 @@ DEMO_TARGET := $(DEMO_DIR)/target.img
 
 .PHONY: setup system-packages demo test lint bench-raw bench-store clean
 
-setup: system-packages $(VENV)/.installed
+setup: system-packages $(VENV)/.installed $(VENV)/.lmcache
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -27,6 +27,15 @@ system-packages:
 $(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/build.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# LMCache on the CPU, for the plugin's end-to-end test and bench/kvsim: torch's CPU build
+# first (so nothing pulls a CUDA one), lmcache without its CUDA dependencies, then the
+# imports it makes (requirements/lmcache.txt).
+$(VENV)/.lmcache: requirements/lmcache.txt $(VENV)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps lmcache==0.5.6
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lmcache.txt
 	touch $@
 
 # The main job: `ctxkv demo` formats a store on a file, serves it, runs a KV workload
