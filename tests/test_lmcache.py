@@ -125,3 +125,15 @@ def test_adapter_matches_its_urls_only():
 def test_bad_urls_are_named(url, problem):
     with pytest.raises(ValueError, match=problem):
         address_of(url)
+
+
+def test_client_sends_parts_and_scatters_a_value_across_buffers(server):
+    header, payload = b"H" * 28, bytes(range(256)) * 4096
+    with Client(server.address) as client:
+        client.put(b"scattered", header, memoryview(payload))
+        head, body = bytearray(28), bytearray(len(payload) + 100)
+        assert client.get_into(b"scattered", head, body) == len(header) + len(payload)
+        assert bytes(head) == header and bytes(body[: len(payload)]) == payload
+        with pytest.raises(ValueError, match="too small"):
+            client.get_into(b"scattered", bytearray(28), bytearray(len(payload) - 1))
+        assert client.get(b"scattered") == header + payload  # still in step after the error

@@ -68,18 +68,13 @@ class AsyncClient:
             raise AuthenticationError(f"the server refused the token: {body.decode()}")
         check_response(header, body)
 
-    async def put(
-        self, key: bytes, value: bytes | bytearray | memoryview, *more: bytes | memoryview
-    ) -> None:
-        """The value is `value` followed by `more` (a header and a payload, say), sent
-        without joining them."""
-        views = [memoryview(part).cast("B") for part in (value, *more)]
+    async def put(self, key: bytes, value: bytes | bytearray | memoryview) -> None:
+        view = memoryview(value).cast("B")
         head = pack_key(key)
         async with self._lock:
-            header = Header(Opcode.PUT, 0, next(self._ids), len(head) + sum(map(len, views)))
+            header = Header(Opcode.PUT, 0, next(self._ids), len(head) + len(view))
             self._writer.write(header.pack() + head)
-            for view in views:
-                self._writer.write(view)
+            self._writer.write(view)
             check_response(*await self._response())
 
     async def get(self, key: bytes) -> bytes | None:

@@ -10,19 +10,22 @@ LMCache loads it from its own config:
 
 Each LMCache chunk is one ctxkv value: LMCache's RemoteMetadata header (length, memory
 format, dtype and shape per group, the bytes its fs:// and lm:// connectors store) then
-the MemoryObj's bytes. The header lets a process that never saw the chunk rebuild it,
-partial last chunks included. Keys are CacheEngineKey.to_string(), UTF-8.
+the MemoryObj's bytes. A get receives the header into a small buffer and the payload
+straight into a freshly allocated MemoryObj (one copy, out of the kernel); the header
+then says whether it was a partial last chunk and checks dtype and format. Keys are
+CacheEngineKey.to_string(), UTF-8.
 
-The async calls run on LMCache's event loop over a few AsyncClient connections (one
-request in flight each); the synchronous ones (exists_sync, batched_contains,
-remove_sync) come from LMCache's worker threads and use a thread-safe ClientPool.
+LMCache calls the async methods on its event loop; they run the blocking client on a
+few threads (`connections`, each with its own connection from a ClientPool), as its
+fs:// connector does with files. The synchronous ones (exists_sync, batched_contains,
+remove_sync) come from LMCache's worker threads and use the same pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import urlparse
 
@@ -33,7 +36,6 @@ from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorCont
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
 
-from engine.client.aio import AsyncClient
 from engine.client.client import ClientPool
 
 SCHEME = "ctxkv://"
@@ -70,102 +72,77 @@ class CtxkvConnector(RemoteConnector):
         if connections <= 0:
             raise ValueError(f"connections must be positive, got {connections}")
         self.address, self.loop, self.local_cpu_backend = address, loop, local_cpu_backend
-        self._token = token
-        self._connections = connections
-        self._opened = 0
-        self._idle: asyncio.Queue[AsyncClient] | None = None
-        self._sync = ClientPool(address, token=token, size=connections)
+        self._pool = ClientPool(address, token=token, size=connections)
+        self._threads = ThreadPoolExecutor(connections, thread_name_prefix="ctxkv-lmcache")
 
-    # ---- connections -------------------------------------------------------------------
-
-    async def _with_client(
-        self, call: Callable[[AsyncClient], Awaitable[Result]], *, retry: bool
-    ) -> Result:
-        """Runs call on an idle connection (opening one while fewer than `connections`
-        exist). A broken connection is dropped; reads retry once on a fresh one, since a
-        restarted server drops every connection it had."""
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-        for attempt in range(2 if retry else 1):
-            if self._idle.empty() and self._opened < self._connections:
-                self._opened += 1
-                try:
-                    client = await AsyncClient.connect(self.address, token=self._token)
-                except BaseException:
-                    self._opened -= 1
-                    raise
-            else:
-                client = await self._idle.get()
-            try:
-                result = await call(client)
-            except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-                self._opened -= 1
-                await client.close()
-                if attempt == 1 or not retry:
-                    raise
-                continue
-            except BaseException:
-                self._opened -= 1
-                await client.close()
-                raise
-            self._idle.put_nowait(client)
-            return result
-        raise AssertionError("unreachable")
+    async def _in_thread(self, call: Callable[..., Result], *arguments: object) -> Result:
+        return await self.loop.run_in_executor(self._threads, call, *arguments)
 
     # ---- values ------------------------------------------------------------------------
 
-    def _header(self, memory_obj: MemoryObj) -> bytes:
-        payload_bytes = len(memory_obj.byte_array)
-        return RemoteMetadata(
-            payload_bytes,
+    def _put_blocking(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
+        payload = memory_obj.byte_array
+        header = RemoteMetadata(
+            len(payload),
             memory_obj.get_shapes(),
             memory_obj.get_dtypes(),
             memory_obj.get_memory_format(),
         ).serialize()
+        self._pool.put(key_bytes(key), header, payload)
 
-    def _rebuild(self, key: CacheEngineKey, value: bytes) -> MemoryObj | None:
-        if len(value) < self.remote_metadata_bytes:
-            raise ValueError(f"ctxkv value for {key.to_string()} is shorter than its header")
-        header = RemoteMetadata.deserialize(value[: self.remote_metadata_bytes])
-        payload = memoryview(value)[self.remote_metadata_bytes :]
-        if header.length != len(payload):
-            raise ValueError(
-                f"ctxkv value for {key.to_string()}: header says {header.length} bytes, "
-                f"{len(payload)} follow"
-            )
-        memory_obj = self.local_cpu_backend.allocate(header.shapes, header.dtypes, header.fmt)
+    def _get_blocking(self, key: CacheEngineKey) -> MemoryObj | None:
+        memory_obj = self.local_cpu_backend.allocate(
+            self.meta_shapes, self.meta_dtypes, self.meta_fmt
+        )
         if memory_obj is None:  # LMCache's buffer is full: a miss, as its connectors do
             return None
-        target = memory_obj.byte_array
-        if len(target) != len(payload):
+        try:
+            header_bytes = bytearray(self.remote_metadata_bytes)
+            value_bytes = self._pool.get_into(key_bytes(key), header_bytes, memory_obj.byte_array)
+            if value_bytes is None:
+                memory_obj.ref_count_down()
+                return None
+            return self._checked(key, memory_obj, header_bytes, value_bytes)
+        except BaseException:
             memory_obj.ref_count_down()
+            raise
+
+    def _checked(
+        self, key: CacheEngineKey, memory_obj: MemoryObj, header_bytes: bytes, value_bytes: int
+    ) -> MemoryObj:
+        header = RemoteMetadata.deserialize(header_bytes)
+        payload_bytes = value_bytes - len(header_bytes)
+        if header.length != payload_bytes or (header.fmt, header.dtypes) != (
+            self.meta_fmt,
+            self.meta_dtypes,
+        ):
             raise ValueError(
-                f"ctxkv value for {key.to_string()}: {len(payload)} bytes for a "
-                f"MemoryObj of {len(target)}"
+                f"ctxkv value for {key.to_string()} does not fit this LMCache: "
+                f"{payload_bytes} bytes for a header of {header.length}, format "
+                f"{header.fmt} {header.dtypes}, wanted {self.meta_fmt} {self.meta_dtypes}"
             )
-        memoryview(target).cast("B")[:] = payload
+        # LMCache's own helper trims a partial last chunk to the tokens it holds.
+        memory_obj = self.reshape_partial_chunk(memory_obj, payload_bytes)
+        if len(header.shapes) == 1 and memory_obj.meta.shape != header.shapes[0]:
+            raise ValueError(
+                f"ctxkv value for {key.to_string()} has shape {header.shapes[0]}, "
+                f"rebuilt as {memory_obj.meta.shape}"
+            )
         return memory_obj
-
-    async def _put_one(self, client: AsyncClient, key: CacheEngineKey, obj: MemoryObj) -> None:
-        await client.put(key_bytes(key), self._header(obj), obj.byte_array)
-
-    async def _get_one(self, client: AsyncClient, key: CacheEngineKey) -> MemoryObj | None:
-        value = await client.get(key_bytes(key))
-        return None if value is None else self._rebuild(key, value)
 
     # ---- RemoteConnector ---------------------------------------------------------------
 
     async def exists(self, key: CacheEngineKey) -> bool:
-        return await self._with_client(lambda c: c.contains(key_bytes(key)), retry=True)
+        return await self._in_thread(self.exists_sync, key)
 
     def exists_sync(self, key: CacheEngineKey) -> bool:
-        return self._sync.contains(key_bytes(key))
+        return self._pool.contains(key_bytes(key))
 
     async def get(self, key: CacheEngineKey) -> MemoryObj | None:
-        return await self._with_client(lambda c: self._get_one(c, key), retry=True)
+        return await self._in_thread(self._get_blocking, key)
 
     async def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
-        await self._with_client(lambda c: self._put_one(c, key, memory_obj), retry=False)
+        await self._in_thread(self._put_blocking, key, memory_obj)
 
     def support_batched_get(self) -> bool:
         return True
@@ -184,7 +161,7 @@ class CtxkvConnector(RemoteConnector):
 
     def batched_contains(self, keys: list[CacheEngineKey]) -> int:
         """How many leading keys are stored: one LONGEST_PREFIX request."""
-        return self._sync.longest_prefix([key_bytes(key) for key in keys])
+        return self._pool.longest_prefix([key_bytes(key) for key in keys])
 
     def support_batched_async_contains(self) -> bool:
         return True
@@ -192,21 +169,17 @@ class CtxkvConnector(RemoteConnector):
     async def batched_async_contains(
         self, lookup_id: str, keys: list[CacheEngineKey], pin: bool = False
     ) -> int:
-        encoded = [key_bytes(key) for key in keys]
-        return await self._with_client(lambda c: c.longest_prefix(encoded), retry=True)
+        return await self._in_thread(self.batched_contains, keys)
 
     def remove_sync(self, key: CacheEngineKey) -> bool:
-        return self._sync.delete(key_bytes(key))
+        return self._pool.delete(key_bytes(key))
 
     async def list(self) -> list[str]:
         raise NotImplementedError("ctxkv serve has no key listing operation")
 
     async def close(self) -> None:
-        self._sync.close()
-        if self._idle is not None:
-            while not self._idle.empty():
-                with contextlib.suppress(OSError):
-                    await self._idle.get_nowait().close()
+        self._threads.shutdown(wait=True)
+        self._pool.close()
 
 
 class CtxkvConnectorAdapter(ConnectorAdapter):
