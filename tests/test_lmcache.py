@@ -20,6 +20,9 @@ MIB = 1 << 20
 WORKER = Path(__file__).with_name("lmcache_worker.py")
 # 6 full chunks of 256 tokens and a partial one: the header must carry its shorter shape.
 TOKENS = 6 * 256 + 100
+TOKEN_BYTES = 2 * 4 * 2 * 64 * 2  # K and V, 4 layers, 2 KV heads of 64, bf16 (the worker's)
+CHUNK_BYTES = 256 * TOKEN_BYTES
+TRAILER_BYTES = 28  # LMCache's RemoteMetadata for one group: 7 int32
 CONFIG = """\
 chunk_size: 256
 local_cpu: false
@@ -95,7 +98,10 @@ def test_lmcache_store_retrieve_across_processes_and_a_server_restart(server, tm
     assert stored["backends"] == ["LocalCPUBackend", "RemoteBackend-ctxkv"]
     assert stored["chunks"] == 7
     with Client(server.address) as client:
-        assert client.stats()["keys"] == 7
+        stats = client.stats()
+    # Full chunks are stored bare (whole extents); only the partial one carries a trailer.
+    assert stats["keys"] == 7
+    assert stats["bytes_put"] == 6 * CHUNK_BYTES + 100 * TOKEN_BYTES + TRAILER_BYTES
 
     fresh = run_worker(config, "retrieve")
     assert fresh["retrieved_tokens"] == TOKENS

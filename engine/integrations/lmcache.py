@@ -8,12 +8,14 @@ LMCache loads it from its own config:
       remote_storage_plugin.ctxkv.class_name: CtxkvConnectorAdapter
       remote_storage_plugin.ctxkv.url: ctxkv://127.0.0.1:7420
 
-Each LMCache chunk is one ctxkv value: LMCache's RemoteMetadata header (length, memory
-format, dtype and shape per group, the bytes its fs:// and lm:// connectors store) then
-the MemoryObj's bytes. A get receives the header into a small buffer and the payload
-straight into a freshly allocated MemoryObj (one copy, out of the kernel); the header
-then says whether it was a partial last chunk and checks dtype and format. Keys are
-CacheEngineKey.to_string(), UTF-8.
+Each LMCache chunk is one ctxkv value. A full chunk is stored bare, so a 32 MiB chunk
+fills exactly 8 extents of 4 MiB; a partial last chunk is followed by LMCache's
+RemoteMetadata (length, memory format, dtype and shape per group: what its fs:// and
+lm:// connectors store) so any process can rebuild it. The two are told apart by length
+(the connector falls back to a trailer on every value in the degenerate case where the
+trailer is a whole number of tokens). A get receives the value straight into a freshly
+allocated MemoryObj, with one small spill buffer for a trailer that overhangs it: one
+copy, out of the kernel. Keys are CacheEngineKey.to_string(), UTF-8.
 
 LMCache calls the async methods on its event loop; they run the blocking client on a
 few threads (`connections`, each with its own connection from a ClientPool), as its
@@ -80,15 +82,24 @@ class CtxkvConnector(RemoteConnector):
 
     # ---- values ------------------------------------------------------------------------
 
+    @property
+    def _bare_full_chunks(self) -> bool:
+        """A bare full chunk's length is a whole number of tokens, a trailed one's is not,
+        unless the trailer itself is a whole number of tokens."""
+        return self.remote_metadata_bytes % self.single_token_size != 0
+
     def _put_blocking(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
         payload = memory_obj.byte_array
-        header = RemoteMetadata(
+        if len(payload) == self.full_chunk_size_bytes and self._bare_full_chunks:
+            self._pool.put(key_bytes(key), payload)
+            return
+        trailer = RemoteMetadata(
             len(payload),
             memory_obj.get_shapes(),
             memory_obj.get_dtypes(),
             memory_obj.get_memory_format(),
         ).serialize()
-        self._pool.put(key_bytes(key), header, payload)
+        self._pool.put(key_bytes(key), payload, trailer)
 
     def _get_blocking(self, key: CacheEngineKey) -> MemoryObj | None:
         memory_obj = self.local_cpu_backend.allocate(
@@ -97,28 +108,35 @@ class CtxkvConnector(RemoteConnector):
         if memory_obj is None:  # LMCache's buffer is full: a miss, as its connectors do
             return None
         try:
-            header_bytes = bytearray(self.remote_metadata_bytes)
-            value_bytes = self._pool.get_into(key_bytes(key), header_bytes, memory_obj.byte_array)
+            target = memoryview(memory_obj.byte_array).cast("B")
+            spill = bytearray(self.remote_metadata_bytes)
+            value_bytes = self._pool.get_into(key_bytes(key), target, spill)
             if value_bytes is None:
                 memory_obj.ref_count_down()
                 return None
-            return self._checked(key, memory_obj, header_bytes, value_bytes)
+            if value_bytes == self.full_chunk_size_bytes and self._bare_full_chunks:
+                return memory_obj
+            payload_bytes = value_bytes - self.remote_metadata_bytes
+            if payload_bytes <= 0:
+                raise ValueError(f"ctxkv value for {key.to_string()} is only {value_bytes} B")
+            received = bytes(target[payload_bytes:value_bytes]) + bytes(spill)
+            trailer = received[: self.remote_metadata_bytes]
+            return self._checked(key, memory_obj, trailer, payload_bytes)
         except BaseException:
             memory_obj.ref_count_down()
             raise
 
     def _checked(
-        self, key: CacheEngineKey, memory_obj: MemoryObj, header_bytes: bytes, value_bytes: int
+        self, key: CacheEngineKey, memory_obj: MemoryObj, trailer: bytes, payload_bytes: int
     ) -> MemoryObj:
-        header = RemoteMetadata.deserialize(header_bytes)
-        payload_bytes = value_bytes - len(header_bytes)
+        header = RemoteMetadata.deserialize(trailer)
         if header.length != payload_bytes or (header.fmt, header.dtypes) != (
             self.meta_fmt,
             self.meta_dtypes,
         ):
             raise ValueError(
                 f"ctxkv value for {key.to_string()} does not fit this LMCache: "
-                f"{payload_bytes} bytes for a header of {header.length}, format "
+                f"{payload_bytes} bytes for a trailer saying {header.length}, format "
                 f"{header.fmt} {header.dtypes}, wanted {self.meta_fmt} {self.meta_dtypes}"
             )
         # LMCache's own helper trims a partial last chunk to the tokens it holds.
