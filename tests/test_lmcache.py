@@ -143,3 +143,13 @@ def test_client_sends_parts_and_scatters_a_value_across_buffers(server):
         with pytest.raises(ValueError, match="too small"):
             client.get_into(b"scattered", bytearray(28), bytearray(len(payload) - 1))
         assert client.get(b"scattered") == header + payload  # still in step after the error
+
+
+def test_a_plugin_config_without_a_url_is_refused_by_name():
+    from lmcache.v1.config import LMCacheEngineConfig
+    from lmcache.v1.storage_backend.connector import ConnectorContext
+
+    config = LMCacheEngineConfig.from_dict({"remote_storage_plugins": ["ctxkv"]})
+    context = ConnectorContext("plugin://ctxkv", None, None, config, None, plugin_name="ctxkv")
+    with pytest.raises(ValueError, match=r"remote_storage_plugin\.ctxkv\.url"):
+        CtxkvConnectorAdapter().create_connector(context)
