@@ -37,14 +37,14 @@ from bench.kvsim.tiers import (
     lmcache_config,
 )
 from bench.kvsim.workload import WorkloadShape, make_trace, working_set_chunks
-from engine.bench.fio import run_fio
+from engine.bench.fio import HUGEPAGE_BYTES, fio_buffer_bytes, run_fio
 from engine.bench.job import Job
 from engine.store.store import Store
 
 MiB, GiB = 1 << 20, 1 << 30
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 FIO_RUNTIME_S = 2.0
-FIO_HUGEPAGES = 64  # 128 MiB: fio's buffers for any job here, like ctxkv's pool pages
+FIO_HUGEPAGES = 64  # headroom over fio's own buffers, which get hugepages as ctxkv's pool does
 LMCACHE_DISK = "LMCache local disk"
 LMCACHE_LM = "LMCache lm:// server"
 
@@ -58,8 +58,17 @@ def fio(target: Path, rw: str, block_bytes: int, iodepth: int) -> dict:
         runtime_s=FIO_RUNTIME_S,
         time_based=True,
     )
-    with hugepages_reserved(FIO_HUGEPAGES):
-        result = run_fio(job)
+    # fio's buffers plus headroom: other processes on this machine (ctxkv pools among
+    # them) may take free hugepages between fio's check and its allocation; then retry.
+    pages = fio_buffer_bytes(job) // HUGEPAGE_BYTES + FIO_HUGEPAGES
+    for attempt in range(3):
+        try:
+            with hugepages_reserved(pages):
+                result = run_fio(job)
+            break
+        except RuntimeError as error:
+            if "huge pages" not in str(error) or attempt == 2:
+                raise
     return {
         "mibps": result.bw_bytes / MiB,
         "lat_ms": {p: ns / 1e6 for p, ns in result.lat_ns_percentile.items()},
