@@ -5,12 +5,12 @@ then the server restarts on the same file and a third process still retrieves.""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_server import Served  # the stop (SIGTERM, then kill) of the server tests
 
 from engine.client.client import Client
 from engine.integrations.lmcache import CtxkvConnectorAdapter, address_of
@@ -37,14 +37,14 @@ extra_config:
 """
 
 
-class Server:
+class Restartable(Served):
     """`ctxkv serve` on a file, restartable on the same file and port."""
 
     def __init__(self, target: Path):
-        self.target, self.address, self.process = target, "127.0.0.1:0", None
+        super().__init__(str(target), None, "127.0.0.1:0")
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "engine.cli.main", "serve", str(self.target)]
+        command = [sys.executable, "-m", "engine.cli.main", "serve", self.target]
         command += ["--listen", self.address, "--pool-buffers", "8"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = self.process.stdout.readline().decode()
@@ -53,16 +53,6 @@ class Server:
             pytest.fail(f"ctxkv serve did not start: {line!r} {self.process.stderr.read()[-2000:]}")
         self.address = line.rsplit(" ", 1)[1].strip()
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
 
 @pytest.fixture
 def server(tmp_path):
@@ -70,7 +60,7 @@ def server(tmp_path):
     with open(target, "wb") as file:
         file.truncate(256 * MIB)
     Store.format([target], extent_size=1 * MIB, pool_buffers=8).close()
-    served = Server(target)
+    served = Restartable(target)
     served.start()
     yield served
     served.stop()
