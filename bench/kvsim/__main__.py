@@ -25,7 +25,7 @@ import numpy as np
 
 from bench.common import hugepages_reserved
 from bench.kvsim import plots
-from bench.kvsim.models import MODELS, gpu_seconds
+from bench.kvsim.models import MODELS, Model, gpu_seconds
 from bench.kvsim.replay import Payloads, TierRecord, replay
 from bench.kvsim.tiers import (
     CtxkvInProcess,
@@ -167,52 +167,20 @@ def table(rows: list[dict], fio_summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kvsim", description=__doc__)
-    parser.add_argument("--model", choices=sorted(MODELS), default="llama-3-8b")
-    parser.add_argument("--chunk-tokens", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=72)
-    parser.add_argument("--segments", type=int, default=4)
-    parser.add_argument("--store-gib", type=float, default=1.5, help="each store file's size")
-    parser.add_argument("--extent-mib", type=int, default=4)
-    parser.add_argument(
-        "--durability",
-        choices=["strict", "relaxed"],
-        default="strict",
-        help="ctxkv's (strict: a put returns once flushed; LMCache's disk never fsyncs)",
-    )
-    parser.add_argument("--sweep-extents-mib", default="1,4,16")
-    parser.add_argument("--dir", type=Path, default=Path("/var/tmp/ctxkv-kvsim"))
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    arguments = parser.parse_args(argv)
-    os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-    os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
-
-    model = MODELS[arguments.model]
-    chunk_tokens, extent = arguments.chunk_tokens, arguments.extent_mib * MiB
-    durability = arguments.durability
+def run_systems(
+    directory: Path,
+    trace: list,
+    model: Model,
+    chunk_tokens: int,
+    extent: int,
+    durability: str,
+    capacity: int,
+    segments: int,
+) -> tuple[list[str], dict[str, TierRecord], list[dict]]:
+    """Every system replays the trace, segment by segment, with fio after each segment."""
     chunk_bytes = model.chunk_bytes(chunk_tokens)
-    shape = WorkloadShape(requests=arguments.requests)
-    trace = make_trace(shape)
     longest = max(len(r.chunk_keys) for r in trace)
-    directory = arguments.dir
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    store_bytes = int(arguments.store_gib * GiB)
-    capacity = 0
-    for name in ("inprocess", "serve", "plugin"):
-        capacity = format_store(directory / f"{name}.img", store_bytes, extent, chunk_bytes)
     scratch = directory / "fio-write.img"
-    with open(scratch, "wb") as file:
-        file.truncate(store_bytes)
-    print(
-        f"kvsim: {model.name}, {chunk_tokens}-token chunks of {chunk_bytes / MiB:.0f} MiB; "
-        f"{len(trace)} requests, working set {working_set_chunks(trace)} chunks "
-        f"({working_set_chunks(trace) * chunk_bytes / GiB:.1f} GiB), capacity "
-        f"{capacity // chunk_bytes} chunks ({capacity / GiB:.2f} GiB) per system",
-        flush=True,
-    )
-
     cpu_buffer = (longest + 4) * chunk_bytes
     plugin_server = lm_server = None
     tiers: list[Tier] = []
@@ -249,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         records = {tier.name: TierRecord(tier.name) for tier in tiers}
         payloads = Payloads(chunk_bytes, longest)
         fio_runs: list[dict] = []
-        bounds = np.linspace(0, len(trace), arguments.segments + 1).astype(int)
+        bounds = np.linspace(0, len(trace), segments + 1).astype(int)
         for index, (start, end) in enumerate(itertools.pairwise(bounds)):
             order = tiers[index % len(tiers) :] + tiers[: index % len(tiers)]
             for tier in order:
@@ -261,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     "write": fio(scratch, "randwrite", extent, 8),
                 }
             )
-            print(f"  segment {index + 1}/{arguments.segments} done", flush=True)
+            print(f"  segment {index + 1}/{segments} done", flush=True)
     finally:
         for tier in tiers:
             tier.close()
@@ -269,11 +237,62 @@ def main(argv: list[str] | None = None) -> int:
             if process is not None:
                 process.close()
 
-    sweep_extents = [int(e) for e in arguments.sweep_extents_mib.split(",")]
-    sweep = extent_sweep(directory, chunk_bytes, sweep_extents, chunks=8)
-    shutil.rmtree(directory)
+    return [tier.name for tier in tiers], records, fio_runs
 
-    rows = [summarise(records[tier.name]) for tier in tiers]
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kvsim", description=__doc__)
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-3-8b")
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=72)
+    parser.add_argument("--segments", type=int, default=4)
+    parser.add_argument("--store-gib", type=float, default=1.5, help="each store file's size")
+    parser.add_argument("--extent-mib", type=int, default=4)
+    parser.add_argument(
+        "--durability",
+        choices=["strict", "relaxed"],
+        default="strict",
+        help="ctxkv's (strict: a put returns once flushed; LMCache's disk never fsyncs)",
+    )
+    parser.add_argument("--sweep-extents-mib", default="1,4,16")
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp/ctxkv-kvsim"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    arguments = parser.parse_args(argv)
+    os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+    os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
+
+    model = MODELS[arguments.model]
+    chunk_tokens, extent = arguments.chunk_tokens, arguments.extent_mib * MiB
+    durability = arguments.durability
+    chunk_bytes = model.chunk_bytes(chunk_tokens)
+    shape = WorkloadShape(requests=arguments.requests)
+    trace = make_trace(shape)
+    directory = arguments.dir
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    try:
+        store_bytes = int(arguments.store_gib * GiB)
+        capacity = 0
+        for name in ("inprocess", "serve", "plugin"):
+            capacity = format_store(directory / f"{name}.img", store_bytes, extent, chunk_bytes)
+        with open(directory / "fio-write.img", "wb") as file:
+            file.truncate(store_bytes)
+        print(
+            f"kvsim: {model.name}, {chunk_tokens}-token chunks of {chunk_bytes / MiB:.0f} MiB; "
+            f"{len(trace)} requests, working set {working_set_chunks(trace)} chunks "
+            f"({working_set_chunks(trace) * chunk_bytes / GiB:.1f} GiB), capacity "
+            f"{capacity // chunk_bytes} chunks ({capacity / GiB:.2f} GiB) per system",
+            flush=True,
+        )
+        names, records, fio_runs = run_systems(
+            directory, trace, model, chunk_tokens, extent, durability, capacity, arguments.segments
+        )
+        sweep_extents = [int(e) for e in arguments.sweep_extents_mib.split(",")]
+        sweep = extent_sweep(directory, chunk_bytes, sweep_extents, chunks=8)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    rows = [summarise(records[name]) for name in names]
     chunk_percentiles = {
         p: statistics.median(run["chunk_read"]["lat_ms"][p] for run in fio_runs)
         for p in fio_runs[0]["chunk_read"]["lat_ms"]
