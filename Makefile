@@ -2,7 +2,8 @@
 #   make demo   set up, then run the main job on a file-backed default
 #   make test   set up, then run the test suite
 # Setup installs the Debian packages ctxkv needs (only those missing), makes .venv and
-# builds the native core into it.
+# builds the native core into it, then adds LMCache (CPU) for the plugin's tests.
+#   make bench  the KV-cache workload against LMCache and fio (bench/kvsim)
 
 SHELL := /bin/bash
 VENV := .venv
