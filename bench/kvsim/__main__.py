@@ -47,6 +47,7 @@ FIO_RUNTIME_S = 2.0
 FIO_HUGEPAGES = 64  # headroom over fio's own buffers, which get hugepages as ctxkv's pool does
 LMCACHE_DISK = "LMCache local disk"
 LMCACHE_LM = "LMCache lm:// server"
+PLUGIN = "LMCache + ctxkv plugin"
 
 
 def fio(target: Path, rw: str, block_bytes: int, iodepth: int) -> dict:
@@ -101,6 +102,9 @@ def summarise(record: TierRecord) -> dict:
         "write_mibps": record.bytes_written / MiB / max(record.write_ns / 1e9, 1e-9),
         "prefill_pflops_avoided": record.flops_avoided / 1e15,
         "h100_seconds_avoided": gpu_seconds(record.flops_avoided),
+        "chunks_held_before_restart": record.held_before_restart,
+        "chunks_held_after_restart": record.held_after_restart,
+        "restart_s": record.restart_s,
     }
 
 
@@ -142,9 +146,9 @@ def table(rows: list[dict], fio_summary: dict) -> str:
     header = (
         "| system | hit ratio | GiB served | get ms p50 / p99 / p99.9 | MiB/s (busy) "
         "| read / fio | get p50 / fio | write / fio | vs LMCache disk | vs lm:// "
-        "| prefill avoided PFLOP (H100 s) |"
+        "| prefill avoided PFLOP (H100 s) | chunks kept by a restart |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for row in rows:
         disk = by_name[LMCACHE_DISK]["throughput_mibps"]
         lm = by_name[LMCACHE_LM]["throughput_mibps"]
@@ -156,13 +160,14 @@ def table(rows: list[dict], fio_summary: dict) -> str:
             f"| {row['get_ms_p50'] / fio_summary['chunk_read_ms_p50']:.2f} "
             f"| {row['write_mibps'] / fio_summary['write_mibps']:.2f} "
             f"| {row['throughput_mibps'] / disk:.2f} | {row['throughput_mibps'] / lm:.2f} "
-            f"| {row['prefill_pflops_avoided']:.1f} ({row['h100_seconds_avoided']:.2f}) |"
+            f"| {row['prefill_pflops_avoided']:.1f} ({row['h100_seconds_avoided']:.2f}) "
+            f"| {row['chunks_held_after_restart']} of {row['chunks_held_before_restart']} |"
         )
     lines.append(
         f"| fio (same file) | | | {fio_summary['chunk_read_ms_p50']:.1f} / "
         f"{fio_summary['chunk_read_ms_p99']:.1f} / {fio_summary['chunk_read_ms_p999']:.1f} "
         f"| read {fio_summary['read_mibps']:.0f}, write {fio_summary['write_mibps']:.0f} "
-        "| 1 | 1 | 1 | | | |"
+        "| 1 | 1 | 1 | | | | |"
     )
     return "\n".join(lines)
 
@@ -194,25 +199,29 @@ def run_systems(
             max_local_disk_size=capacity / GiB,
             extra_config={"use_odirect": True},
         )
-        tiers.append(LMCacheTier(LMCACHE_DISK, disk_config, model, chunk_tokens))
+        tiers.append(LMCacheTier(LMCACHE_DISK, lambda: disk_config, model, chunk_tokens))
         lm_server = LMCacheServerProcess()
-        lm_config = lmcache_config(
-            chunk_tokens, cpu_buffer, remote_url=f"lm://127.0.0.1:{lm_server.port}"
-        )
-        tiers.append(LMCacheTier(LMCACHE_LM, lm_config, model, chunk_tokens))
+
+        def lm_config() -> dict:
+            url = f"lm://127.0.0.1:{lm_server.port}"
+            return lmcache_config(chunk_tokens, cpu_buffer, remote_url=url)
+
+        tiers.append(LMCacheTier(LMCACHE_LM, lm_config, model, chunk_tokens, lm_server))
         plugin_server = CtxkvServer(directory / "plugin.img", chunk_bytes, extent, durability)
-        plugin_server.client.close()
-        plugin_config = lmcache_config(
-            chunk_tokens,
-            cpu_buffer,
-            remote_storage_plugins=["ctxkv"],
-            extra_config={
-                "remote_storage_plugin.ctxkv.module_path": "engine.integrations.lmcache",
-                "remote_storage_plugin.ctxkv.class_name": "CtxkvConnectorAdapter",
-                "remote_storage_plugin.ctxkv.url": f"ctxkv://{plugin_server.address}",
-            },
-        )
-        tiers.append(LMCacheTier("LMCache + ctxkv plugin", plugin_config, model, chunk_tokens))
+
+        def plugin_config() -> dict:
+            return lmcache_config(
+                chunk_tokens,
+                cpu_buffer,
+                remote_storage_plugins=["ctxkv"],
+                extra_config={
+                    "remote_storage_plugin.ctxkv.module_path": "engine.integrations.lmcache",
+                    "remote_storage_plugin.ctxkv.class_name": "CtxkvConnectorAdapter",
+                    "remote_storage_plugin.ctxkv.url": f"ctxkv://{plugin_server.address}",
+                },
+            )
+
+        tiers.append(LMCacheTier(PLUGIN, plugin_config, model, chunk_tokens, backing=plugin_server))
 
         records = {tier.name: TierRecord(tier.name) for tier in tiers}
         payloads = Payloads(chunk_bytes, longest)
@@ -230,6 +239,18 @@ def run_systems(
                 }
             )
             print(f"  segment {index + 1}/{segments} done", flush=True)
+        # Warm restart: what each system still holds after being stopped and started.
+        working_set = sorted({key for request in trace for key in request.chunk_keys})
+        for tier in tiers:
+            record = records[tier.name]
+            record.held_before_restart = tier.holds(working_set)
+            started = time.perf_counter()
+            tier.restart()
+            record.restart_s = time.perf_counter() - started
+            kept = [key for key in working_set if tier.holds([key])]
+            for key in kept:  # every chunk kept is read back and its stamp checked
+                tier.get(key, payloads.landing)
+            record.held_after_restart = len(kept)
     finally:
         for tier in tiers:
             tier.close()
@@ -329,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             + "; LMCache's local disk backend never calls fsync",
             "throughput = (bytes served + bytes written) / time in lookups, reads, writes",
+            "restart: ctxkv serve and the servers behind LMCache get SIGTERM and start again "
+            "(on the same store file for ctxkv); the in-process store is closed and reopened; "
+            "LMCache engines are destroyed and built again on the same configuration",
         ],
         "systems": rows,
         "fio": fio_summary,

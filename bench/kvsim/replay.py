@@ -26,6 +26,9 @@ class TierRecord:
     read_ns: int = 0
     write_ns: int = 0
     flops_avoided: float = 0.0
+    held_before_restart: int = 0  # working-set chunks stored when the run ends
+    held_after_restart: int = 0  # ... and after the system is stopped and started again
+    restart_s: float = 0.0
 
 
 class Payloads:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,14 @@ class Tier:
         return buffers
 
     def put(self, keys: list[bytes], staged: list) -> None:
+        raise NotImplementedError
+
+    def holds(self, keys: list[bytes]) -> int:
+        """How many of keys are stored."""
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """Stops the system as an operator would (SIGTERM, close) and starts it again."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -100,7 +109,15 @@ class CtxkvInProcess(Tier):
     def __init__(self, target: Path, chunk_bytes: int, extent_bytes: int, durability: str):
         self.chunk_bytes = chunk_bytes
         pool_buffers = max(8, chunk_bytes // extent_bytes)
-        self.store = Store.open([target], pool_buffers=pool_buffers, durability=durability)
+        self._open = lambda: Store.open([target], pool_buffers=pool_buffers, durability=durability)
+        self.store = self._open()
+
+    def holds(self, keys: list[bytes]) -> int:
+        return sum(key in self.store for key in keys)
+
+    def restart(self) -> None:
+        self.store.close()
+        self.store = self._open()
 
     def prefix(self, keys: list[bytes]) -> int:
         return self.store.longest_prefix(keys)
@@ -126,11 +143,14 @@ class CtxkvServer(Tier):
 
     def __init__(self, target: Path, chunk_bytes: int, extent_bytes: int, durability: str):
         self.chunk_bytes = chunk_bytes
-        command = [sys.executable, "-m", "engine.cli.main", "serve", str(target)]
-        command += ["--listen", "127.0.0.1:0", "--durability", durability]
-        command += ["--pool-buffers", str(max(16, 2 * chunk_bytes // extent_bytes))]
+        self._command = [sys.executable, "-m", "engine.cli.main", "serve", str(target)]
+        self._command += ["--listen", "127.0.0.1:0", "--durability", durability]
+        self._command += ["--pool-buffers", str(max(16, 2 * chunk_bytes // extent_bytes))]
+        self._start()
+
+    def _start(self) -> None:
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            self._command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
         line = self.process.stdout.readline()
         if "listening on" not in line:
@@ -138,6 +158,13 @@ class CtxkvServer(Tier):
             raise RuntimeError(f"ctxkv serve did not start: {line!r}")
         self.address = line.rsplit(" ", 1)[1].strip()
         self.client = Client(self.address)
+
+    def holds(self, keys: list[bytes]) -> int:
+        return sum(self.client.contains(key) for key in keys)
+
+    def restart(self) -> None:
+        self.close()
+        self._start()
 
     def prefix(self, keys: list[bytes]) -> int:
         return self.client.longest_prefix(keys)
@@ -158,7 +185,16 @@ class LMCacheTier(Tier):
     """One LMCache storage backend (local disk, lm://, a remote plugin), driven through
     the StorageBackendInterface its engine uses, in a real LMCacheEngine on the CPU."""
 
-    def __init__(self, name: str, config: dict, model: Model, chunk_tokens: int):
+    def __init__(
+        self,
+        name: str,
+        config: Callable[[], dict],
+        model: Model,
+        chunk_tokens: int,
+        backing: CtxkvServer | LMCacheServerProcess | None = None,
+    ):
+        """config is called at every start (a restarted server may listen elsewhere);
+        backing is the server process the backend talks to, restarted with it."""
         import torch
         from lmcache.utils import (
             CacheEngineKey,
@@ -187,18 +223,24 @@ class LMCacheTier(Tier):
             role="worker",
         )
         self._builder, self._instance = LMCacheEngineBuilder, f"kvsim-{name}"
-        engine = LMCacheEngineBuilder.get_or_create(
-            self._instance,
-            LMCacheEngineConfig.from_dict(config),
-            metadata,
-            MockGPUConnector(kv_shape),
-            mock_up_broadcast_fn,
-            mock_up_broadcast_object_fn,
-        )
-        engine.post_init()
-        backends = engine.storage_manager.storage_backends
-        self.allocator = backends["LocalCPUBackend"]
-        (self.backend,) = [b for n, b in backends.items() if n != "LocalCPUBackend"]
+        self._backing = backing
+
+        def start_engine() -> None:
+            engine = LMCacheEngineBuilder.get_or_create(
+                self._instance,
+                LMCacheEngineConfig.from_dict(config()),
+                metadata,
+                MockGPUConnector(kv_shape),
+                mock_up_broadcast_fn,
+                mock_up_broadcast_object_fn,
+            )
+            engine.post_init()
+            backends = engine.storage_manager.storage_backends
+            self.allocator = backends["LocalCPUBackend"]
+            (self.backend,) = [b for n, b in backends.items() if n != "LocalCPUBackend"]
+
+        self._start_engine = start_engine
+        start_engine()
         self._shapes, self._dtypes = metadata.get_shapes(), metadata.get_dtypes()
         self._fmt = MemoryFormat.KV_2LTD
 
@@ -244,6 +286,15 @@ class LMCacheTier(Tier):
         ):
             time.sleep(PUT_POLL_S)
 
+    def holds(self, keys: list[bytes]) -> int:
+        return sum(self.backend.contains(self._key(key)) for key in keys)
+
+    def restart(self) -> None:
+        self.close()
+        if self._backing is not None:
+            self._backing.restart()
+        self._start_engine()
+
     def close(self) -> None:
         self._builder.destroy(self._instance)
 
@@ -264,13 +315,20 @@ class LMCacheServerProcess:
     """LMCache's own remote server: `python -m lmcache.v1.server HOST PORT cpu`."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self._start()
+
+    def _start(self) -> None:
+        self.port = free_port()  # a fresh port: the old one may linger in TIME_WAIT
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lmcache.v1.server", "127.0.0.1", str(self.port), "cpu"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, self.process)
+
+    def restart(self) -> None:
+        self.close()
+        self._start()
 
     def close(self) -> None:
         stop(self.process)
