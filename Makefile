@@ -13,7 +13,7 @@ APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvm
 DEMO_DIR ?= /var/tmp/ctxkv-demo
 DEMO_TARGET := $(DEMO_DIR)/target.img
 
-.PHONY: setup system-packages demo test lint bench-raw bench-store bench clean
+.PHONY: setup system-packages demo test lint bench-raw bench-store clean
 
 setup: system-packages $(VENV)/.installed $(VENV)/.lmcache
 
@@ -75,6 +75,7 @@ bench-store: setup
 # A KV-cache workload (bench/kvsim) on ctxkv in-process and served, LMCache's local disk
 # backend, its lm:// server and LMCache with the ctxkv plugin, against fio on the same
 # file: the comparison table, bench/results/kvsim.json and its PNG plots. ~5 minutes.
+.PHONY: bench
 bench: setup
 	PYTHONHASHSEED=0 $(BIN)/python -m bench.kvsim
 
