@@ -2,7 +2,8 @@
 #   make demo   set up, then run the main job on a file-backed default
 #   make test   set up, then run the test suite
 # Setup installs the Debian packages ctxkv needs (only those missing), makes .venv and
-# builds the native core into it.
+# builds the native core into it, then adds LMCache (CPU) for the plugin's tests.
+#   make bench  the KV-cache workload against LMCache and fio (bench/kvsim)
 
 SHELL := /bin/bash
 VENV := .venv
@@ -14,7 +15,7 @@ DEMO_TARGET := $(DEMO_DIR)/target.img
 
 .PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store clean
 
-setup: system-packages $(VENV)/.installed
+setup: system-packages $(VENV)/.installed $(VENV)/.lmcache
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -28,6 +29,15 @@ system-packages:
 $(VENV)/.installed: setup.py pyproject.toml native/*.c native/*.h native/*.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# LMCache on the CPU, for the plugin's end-to-end test and bench/kvsim: torch's CPU build
+# first (so nothing pulls a CUDA one), lmcache without its CUDA dependencies, then the
+# imports it makes (requirements/lmcache.txt).
+$(VENV)/.lmcache: requirements/lmcache.txt $(VENV)/.installed
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps lmcache==0.5.6
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lmcache.txt
 	touch $@
 
 # The main job: `ctxkv demo` formats a store on a file, serves it, runs a KV workload
@@ -77,6 +87,13 @@ bench-raw: setup
 bench-store: setup
 	$(BIN)/python bench/store_vs_fio.py
 	$(BIN)/python bench/index_bench.py
+
+# A KV-cache workload (bench/kvsim) on ctxkv in-process and served, LMCache's local disk
+# backend, its lm:// server and LMCache with the ctxkv plugin, against fio on the same
+# file: the comparison table, bench/results/kvsim.json and its PNG plots. ~5 minutes.
+.PHONY: bench
+bench: setup
+	PYTHONHASHSEED=0 $(BIN)/python -m bench.kvsim
 
 clean:
 	rm -rf $(VENV) build engine/_native.c engine/_native.o engine/_native*.so *.egg-info

@@ -106,21 +106,29 @@ class Client(Closeable):
 
     # ---- the Store's methods -------------------------------------------------------------
 
-    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> None:
-        view = memoryview(value).cast("B")
+    def put(
+        self, key: bytes, value: bytes | bytearray | memoryview, *more: bytes | memoryview
+    ) -> None:
+        """The value is `value` followed by `more` (a header and a payload, say), sent
+        without joining them."""
+        views = [memoryview(part).cast("B") for part in (value, *more)]
         body_head = pack_key(key)
-        header = Header(Opcode.PUT, 0, next(self._ids), len(body_head) + len(view))
+        header = Header(Opcode.PUT, 0, next(self._ids), len(body_head) + sum(map(len, views)))
         self._socket.sendall(header.pack() + body_head)
-        self._socket.sendall(view)
+        for view in views:
+            self._socket.sendall(view)
         check_response(*self._read_response())
 
     def get(self, key: bytes) -> bytes | None:
         header, body = self._request(Opcode.GET, pack_key(key))
         return None if header.status == Status.NOT_FOUND else body
 
-    def get_into(self, key: bytes, buffer: bytearray | memoryview) -> int | None:
-        """Receives the value straight into buffer (no intermediate copy); its length, or
-        None on a miss. ValueError if buffer is too small (the value is drained)."""
+    def get_into(
+        self, key: bytes, buffer: bytearray | memoryview, *more: bytearray | memoryview
+    ) -> int | None:
+        """Receives the value straight into buffer (no intermediate copy), then into
+        `more` when buffer is full; its length, or None on a miss. ValueError if the
+        buffers are too small (the value is drained)."""
         body = pack_key(key)
         request = Header(Opcode.GET, 0, next(self._ids), len(body))
         self._socket.sendall(request.pack() + body)
@@ -132,11 +140,18 @@ class Client(Closeable):
             if header.status == Status.NOT_FOUND:
                 return None
             check_response(header, message)
-        target = memoryview(buffer).cast("B")
-        if len(target) < header.body_bytes:
+        targets = [memoryview(part).cast("B") for part in (buffer, *more)]
+        if sum(map(len, targets)) < header.body_bytes:
             self._recv(header.body_bytes)  # keep the connection in step
-            raise ValueError(f"buffer of {len(target)} bytes is too small for {header.body_bytes}")
-        self._recv_into(target[: header.body_bytes])
+            raise ValueError(
+                f"buffers of {sum(map(len, targets))} bytes are too small for {header.body_bytes}"
+            )
+        remaining = header.body_bytes
+        for target in targets:
+            if remaining == 0:
+                break
+            self._recv_into(target[: min(len(target), remaining)])
+            remaining -= min(len(target), remaining)
         return header.body_bytes
 
     def delete(self, key: bytes) -> bool:
@@ -281,8 +296,10 @@ class ClientPool(Closeable):
                 return result
         raise AssertionError("unreachable")
 
-    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> None:
-        self._call("put", key, value, retry=False)
+    def put(
+        self, key: bytes, value: bytes | bytearray | memoryview, *more: bytes | memoryview
+    ) -> None:
+        self._call("put", key, value, *more, retry=False)
 
     def delete(self, key: bytes) -> bool:
         return self._call("delete", key, retry=False)
@@ -292,6 +309,11 @@ class ClientPool(Closeable):
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return self._call("get_many", keys, retry=True)
+
+    def get_into(
+        self, key: bytes, buffer: bytearray | memoryview, *more: bytearray | memoryview
+    ) -> int | None:
+        return self._call("get_into", key, buffer, *more, retry=True)
 
     def contains(self, key: bytes) -> bool:
         return self._call("contains", key, retry=True)
