@@ -254,6 +254,8 @@ static uint32_t extent_payload_crc(const struct ctxkv_io *io)
     return ctxkv_crc32c(0, extent + CTXKV_EXTENT_HEADER_BYTES, payload_bytes);
 }
 
+#define WAIT_SLICE_NS (100 * 1000 * 1000)
+
 int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
                        uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
                        struct ctxkv_progress *progress)
@@ -317,11 +319,19 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
         if (chunks_in_flight == 0 && (next >= n || stopping))
             break;
 
+        /* Waits in slices rather than forever: a completion the kernel leaves as pending
+         * task work on a ring without DEFER_TASKRUN is only posted once this task enters
+         * the kernel again; a test run here once sat in io_cqring_wait for good with two
+         * reads consumed and no completion posted. Each slice that ends re-enters. */
+        struct __kernel_timespec wait_slice = {.tv_sec = 0, .tv_nsec = WAIT_SLICE_NS};
+        struct io_uring_cqe *first_cqe;
         int submitted;
         do {
-            submitted = io_uring_submit_and_wait(&ring->uring, 1);
+            submitted = io_uring_submit_and_wait_timeout(&ring->uring, &first_cqe, 1,
+                                                         &wait_slice, NULL);
         } while (submitted == -EINTR);
-        if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY)
+        if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY &&
+            submitted != -ETIME)
             return submitted; /* the ring itself is broken; results say nothing */
 
         struct io_uring_cqe *cqe;

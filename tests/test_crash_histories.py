@@ -74,6 +74,12 @@ class Template:
         for path in self.paths:
             target = str(run / os.path.basename(path))
             shutil.copyfile(path, target)
+            # Written back now, so the store's O_DIRECT reads never wait on dirty pages.
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             targets.append(target)
         return targets
 
