@@ -57,7 +57,6 @@ class FaultInjectionTestDevice:
     injected_errors: int = 0
     crashed: bool = False
     pending: dict[str, list[PendingWrite]] = field(default_factory=dict)
-    fate_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -65,10 +64,6 @@ class FaultInjectionTestDevice:
 
     def ring_factory(self, devices: list[Device], pool: BufferPool | None) -> Ring:
         return FaultInjectingRing(self, devices, pool)
-
-    @property
-    def pending_writes(self) -> int:
-        return sum(len(writes) for writes in self.pending.values())
 
     def power_loss(self) -> None:
         """Decides each unflushed write's fate and leaves the targets that way. Call it
@@ -83,7 +78,6 @@ class FaultInjectionTestDevice:
         final: dict[int, bytes] = {}
         for write in writes:
             fate = self.rng.choice(self.fates)
-            self.fate_counts[fate] += 1
             for start in range(0, len(write.after), sector):
                 offset = write.offset + start
                 # A sector first touched by this write held `before` at the last flush.
