@@ -156,6 +156,41 @@ def test_write_to_read_only_device_is_refused(target_file):
                 ring.run(describe(pool, [0], [0], Op.WRITE, 4096))
 
 
+@pytest.mark.parametrize("depth", [1, 3, 16])
+def test_extent_reads_carry_each_payloads_crc(loop_device, depth: int):
+    """The ring checksums an extent read after refilling the queue; each result must
+    still carry its own extent's CRC, with plain reads in between."""
+    from engine.io.ring import EXTENT_CRC
+    from engine.store.layout import EXTENT_PAYLOAD_BYTES_OFFSET, crc32c
+
+    extent_bytes, count = 64 * KIB + 4 * KIB, 24
+    with Device.open(loop_device(size_bytes=8 * MIB)) as device:
+        with (
+            BufferPool(extent_bytes, 2 * count, hugepages=False) as pool,
+            Ring([device], pool) as ring,
+        ):
+            rng = np.random.default_rng(depth)
+            payload_bytes = [int(n) for n in rng.integers(1, 64 * KIB, count)]
+            for i, nbytes in enumerate(payload_bytes):
+                view = _buffer_view(pool, i)
+                view[:] = rng.integers(0, 256, extent_bytes, dtype=np.uint8).tobytes()
+                view[EXTENT_PAYLOAD_BYTES_OFFSET : EXTENT_PAYLOAD_BYTES_OFFSET + 4] = (
+                    nbytes.to_bytes(4, "little")
+                )
+            offsets = [i * extent_bytes for i in range(count)]
+            ring.run(describe(pool, list(range(count)), offsets, Op.WRITE, extent_bytes))
+            reads = describe(pool, list(range(count, 2 * count)), offsets, Op.READ, extent_bytes)
+            reads["opcode"][::2] |= EXTENT_CRC
+            progress = Progress()
+            results = ring.run(reads, depth=depth, progress=progress)
+            assert progress.ops_done == count
+            for i, nbytes in enumerate(payload_bytes):
+                assert results[i]["result"] == extent_bytes and results[i]["chunks_pending"] == 0
+                payload = bytes(_buffer_view(pool, count + i))[4096 : 4096 + nbytes]
+                expected = crc32c(payload) if i % 2 == 0 else 0
+                assert results[i]["payload_crc32c"] == expected, i
+
+
 def test_unregistered_memory_works_too(target_file):
     with Device.open(target_file()) as device, Ring([device]) as ring:
         buffer = np.zeros(8192 + 4096, dtype=np.uint8)

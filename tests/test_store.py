@@ -216,6 +216,10 @@ def test_bad_input_gets_clear_errors(target_file):
             store.put(b"k", bytes(5 * EXTENT))
     with pytest.raises(ValueError, match="extent size must be a power of two"):
         Store.format([target_file()], extent_size=3 * MIB)
+    untouched = target_file()
+    with pytest.raises(ValueError, match=r"queue_depth is 1\.\.256, got 0"):
+        Store.format([untouched], extent_size=EXTENT, queue_depth=0, force=True)
+    assert not Path(untouched).read_bytes().strip(b"\0"), "a refused format wrote"
     with pytest.raises(CtxkvError, match="closed"):
         store.put(b"k", b"v")
 

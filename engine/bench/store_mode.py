@@ -1,6 +1,9 @@
 """The store's side of a benchmark (`ctxkv bench --mode store`): puts or gets of values
-of one extent (bs) through engine.Store, iodepth values per put_many/read_many batch,
-one thread per job. Formats the targets: everything on them is lost."""
+of one extent (bs) through engine.Store, one thread per job. Each put_many/read_many
+call carries BATCH_PER_DEPTH * iodepth values and the store keeps iodepth I/Os in
+flight (its queue_depth): the device sees fio's iodepth, and a batch streams through
+it as an inference engine's get of a whole prefix would. Formats the targets:
+everything on them is lost."""
 
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ from engine.io.ring import monotonic_ns
 from engine.store.store import STRICT, Store
 
 FILL_FRACTION = 0.9  # of the store's slots, so reads never meet an eviction
+BATCH_PER_DEPTH = 8
 
 
 def value_count(job: Job, store: Store) -> int:
     slots = store.stats()["slots"]
     wanted = slots if job.size_bytes is None else job.size_bytes // job.block_bytes
-    return max(job.iodepth, min(wanted, int(slots * FILL_FRACTION)))
+    return max(BATCH_PER_DEPTH * job.iodepth, min(wanted, int(slots * FILL_FRACTION)))
 
 
 def run_store(
@@ -29,16 +33,17 @@ def run_store(
 ) -> RunResult:
     store = Store.format(
         job.targets, extent_size=job.block_bytes, force=True,
-        pool_buffers=job.iodepth * job.numjobs + 2, durability=durability,
-        io_path=job.io_path,
+        pool_buffers=BATCH_PER_DEPTH * job.iodepth * job.numjobs + 2, durability=durability,
+        io_path=job.io_path, queue_depth=job.iodepth,
     )  # fmt: skip
     with store:
         count = value_count(job, store)
         value = np.random.default_rng(0).integers(0, 256, job.block_bytes, dtype=np.uint8).tobytes()
         keys = [f"bench-{i}".encode() for i in range(count)]
         if job.is_read:
-            for start in range(0, count, job.iodepth):
-                store.put_many([(key, value) for key in keys[start : start + job.iodepth]])
+            batch = BATCH_PER_DEPTH * job.iodepth
+            for start in range(0, count, batch):
+                store.put_many([(key, value) for key in keys[start : start + batch]])
         done_bytes = [0] * job.numjobs
         outcomes: list[tuple] = []
         errors: list[BaseException] = []
@@ -57,7 +62,7 @@ def run_store(
                 start_ns = monotonic_ns()
                 position = 0
                 while True:
-                    batch = mine[position : position + job.iodepth]
+                    batch = mine[position : position + BATCH_PER_DEPTH * job.iodepth]
                     began = monotonic_ns()
                     if job.is_read:
                         leases = store.read_many(batch)

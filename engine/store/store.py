@@ -85,6 +85,20 @@ def shared_ring(devices: list[Device], pool: BufferPool | None) -> Ring:
 
 logger = logging.getLogger("ctxkv.store")
 DEFAULT_FLUSH_INTERVAL_MS = 100
+# I/Os one call keeps in flight on a thread's ring. A get_many or put_many of more parts
+# streams through this window, so a deep batch keeps the device busy without a pause
+# between rounds; benchmarks set it to fio's iodepth to compare like with like.
+DEFAULT_QUEUE_DEPTH = 64
+MAX_QUEUE_DEPTH = 256  # the ring's entries (shared_ring)
+
+
+def check_options(durability: str, flush_interval_ms: int, queue_depth: int) -> None:
+    if durability not in (STRICT, RELAXED):
+        raise ValueError(f"durability is {STRICT!r} or {RELAXED!r}, got {durability!r}")
+    if flush_interval_ms <= 0:
+        raise ValueError(f"flush_interval_ms must be positive, got {flush_interval_ms}")
+    if not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
+        raise ValueError(f"queue_depth is 1..{MAX_QUEUE_DEPTH}, got {queue_depth}")
 
 
 class ValueTooLargeError(CtxkvError, ValueError):
@@ -140,12 +154,11 @@ class Store(Closeable):
         flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS,
         discard_freed: bool = False,
         ring_factory: RingFactory = shared_ring,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ):
-        if durability not in (STRICT, RELAXED):
-            raise ValueError(f"durability is {STRICT!r} or {RELAXED!r}, got {durability!r}")
-        if flush_interval_ms <= 0:
-            raise ValueError(f"flush_interval_ms must be positive, got {flush_interval_ms}")
+        check_options(durability, flush_interval_ms, queue_depth)
         self.durability = durability
+        self.queue_depth = queue_depth
         unable = [device.path for device in devices if not device.geometry.discard_supported]
         if discard_freed and unable:
             raise ValueError(f"discard_freed: {', '.join(unable)} cannot discard")
@@ -217,6 +230,7 @@ class Store(Closeable):
         discard_freed: bool = False,
         io_path: str = AUTO,
         ring_factory: RingFactory = shared_ring,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ) -> Store:
         """Makes a new, empty store over targets (in member order) and opens it.
 
@@ -224,7 +238,9 @@ class Store(Closeable):
         a mounted target is always refused. durability: see STRICT and RELAXED.
         discard_freed: discard (TRIM) the extents of deleted and overwritten values, so
         the device knows they hold nothing; evicted extents are rewritten at once anyway.
-        io_path: how I/O reaches NVMe namespaces (engine.nvme.passthru.IO_PATHS)."""
+        io_path: how I/O reaches NVMe namespaces (engine.nvme.passthru.IO_PATHS).
+        queue_depth: I/Os a call keeps in flight (DEFAULT_QUEUE_DEPTH)."""
+        check_options(durability, flush_interval_ms, queue_depth)  # before anything is written
         devices = cls._open_devices(targets, io_path)
         try:
             if not force:
@@ -243,7 +259,8 @@ class Store(Closeable):
             write_fresh_store(devices, superblocks)
             return cls(devices, superblocks, [], pool_buffers=pool_buffers,
                        durability=durability, flush_interval_ms=flush_interval_ms,
-                       discard_freed=discard_freed, ring_factory=ring_factory)  # fmt: skip
+                       discard_freed=discard_freed, ring_factory=ring_factory,
+                       queue_depth=queue_depth)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
@@ -260,6 +277,7 @@ class Store(Closeable):
         discard_freed: bool = False,
         io_path: str = AUTO,
         ring_factory: RingFactory = shared_ring,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ) -> Store:
         """Opens an existing store; targets in member order. Recovers after a crash."""
         devices = cls._open_devices(targets, io_path)
@@ -268,7 +286,8 @@ class Store(Closeable):
                 superblocks, damage = read_superblocks(devices, lambda ios: ring.run(ios, depth=8))
             return cls(devices, superblocks, damage, pool_buffers=pool_buffers,
                        durability=durability, flush_interval_ms=flush_interval_ms,
-                       discard_freed=discard_freed, ring_factory=ring_factory)  # fmt: skip
+                       discard_freed=discard_freed, ring_factory=ring_factory,
+                       queue_depth=queue_depth)  # fmt: skip
         except BaseException:
             for device in devices:
                 device.close()
@@ -401,7 +420,8 @@ class Store(Closeable):
         return ring
 
     def _run(self, ios: np.ndarray, *, raise_errors: bool = True) -> np.ndarray:
-        return self._ring().run(ios, depth=max(1, min(len(ios), 64)), raise_errors=raise_errors)
+        depth = max(1, min(len(ios), self.queue_depth))
+        return self._ring().run(ios, depth=depth, raise_errors=raise_errors)
 
     def _slot_offset(self, part: Part) -> int:
         member, slot = part
