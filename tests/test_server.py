@@ -19,7 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client.aio import AsyncClient
 from engine.client.client import AuthenticationError, Client, ClientPool, RequestError
-from engine.server.protocol import HEADER, HELLO, HELLO_MAGIC, PROTOCOL_VERSION, Header, Opcode
+from engine.server.protocol import (
+    HEADER,
+    HELLO,
+    HELLO_MAGIC,
+    PROTOCOL_VERSION,
+    Header,
+    Opcode,
+    pack_key,
+)
 from engine.store.store import Store
 
 MIB = 1 << 20
@@ -164,6 +172,16 @@ def raw_connection(address: str) -> socket.socket:
     return connection
 
 
+def recv_exactly(connection: socket.socket, nbytes: int) -> bytes:
+    # MSG_WAITALL alone may return early on a socket with a timeout.
+    data = bytearray()
+    while len(data) < nbytes:
+        chunk = connection.recv(nbytes - len(data))
+        assert chunk, "the server hung up"
+        data += chunk
+    return bytes(data)
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -206,6 +224,61 @@ def test_hostile_bytes_leave_the_server_serving(serve):
         assert client.stats()["slots_live"] == 1  # no torn PUT became a value
     assert rss_bytes(served.process.pid) < baseline_bytes + 16 * MIB
     assert served.stop() == 0
+
+
+def test_pipelined_requests_are_answered_in_order_and_see_earlier_writes(serve):
+    """Many requests sent before any answer is read: answers come back in request order,
+    a GET after a PUT/DELETE of its key sees it, reads in between run in parallel. A
+    client that hangs up mid-pipeline leaves no pool buffer taken."""
+    served = serve()
+    connection = raw_connection(served.address)
+    connection.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, bytes(32)))
+    assert Header.unpack(connection.recv(HEADER.size, socket.MSG_WAITALL), 0).status == 0
+    expected: list[tuple[int, bytes | None]] = []  # (status, body) per request
+    requests = []
+    values = {}
+    rng = random.Random(11)
+    for request_id in range(1, 121):
+        key = f"k{rng.randrange(4)}".encode()
+        roll = rng.random()
+        if roll < 0.3:
+            value = rng.randbytes(rng.choice([10, EXTENT + 3]))
+            body = pack_key(key) + value
+            requests.append(Header(Opcode.PUT, 0, request_id, len(body)).pack() + body)
+            values[key] = value
+            expected.append((0, b""))
+        elif roll < 0.4:
+            body = pack_key(key)
+            requests.append(Header(Opcode.DELETE, 0, request_id, len(body)).pack() + body)
+            expected.append((0 if values.pop(key, None) is not None else 1, b""))
+        else:
+            body = pack_key(key)
+            requests.append(Header(Opcode.GET, 0, request_id, len(body)).pack() + body)
+            expected.append((0, values[key]) if key in values else (1, b""))
+    sender = threading.Thread(target=connection.sendall, args=(b"".join(requests),))
+    sender.start()  # the server answers while we still send: read concurrently
+    for request_id, (status, body) in enumerate(expected, 1):
+        response = Header.unpack(recv_exactly(connection, HEADER.size), 1 << 30)
+        assert (response.request_id, response.status) == (request_id, status), request_id
+        assert recv_exactly(connection, response.body_bytes) == body, request_id
+    sender.join()
+    # Hang up with a pipeline full of GETs of a two-extent value.
+    body = pack_key(b"big")
+    with Client(served.address) as client:
+        client.put(b"big", bytes(2 * EXTENT))
+    frames = b"".join(Header(Opcode.GET, 0, i, len(body)).pack() + body for i in range(64))
+    for _ in range(5):
+        hasty = raw_connection(served.address)
+        hasty.sendall(HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, bytes(32)) + frames)
+        hasty.recv(HEADER.size + 100)
+        hasty.close()
+    connection.close()
+    deadline = time.monotonic() + 30
+    with Client(served.address) as client:
+        while client.stats()["server"]["pool_leased"] != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.stats()["server"]["pool_leased"] == 0
+        assert client.get(b"big") == bytes(2 * EXTENT)
 
 
 def test_unknown_opcode_is_a_bad_request(serve):

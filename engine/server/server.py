@@ -16,9 +16,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from engine.closing import Releasable
 from engine.server.metrics import Metrics, serve_metrics
 from engine.server.protocol import (
     COUNT,
@@ -43,6 +44,10 @@ from engine.store.store import Store, ValueTooLargeError
 
 logger = logging.getLogger("ctxkv.server")
 HANDSHAKE_TIMEOUT_S = 10
+# Requests of one connection answered at once: a GET's device read overlaps the sending
+# of the value before it, and pipelined GETs read in parallel.
+PIPELINE_DEPTH = 8
+SHUTDOWN_DRAIN_S = 30
 FLAG_TOKEN_REQUIRED = 1
 
 
@@ -54,23 +59,52 @@ class BufferCredits:
     """Pool buffers promised to the requests in flight. A request waits here, in the event
     loop, until its buffers are free; it never waits on the pool inside a worker thread,
     where enough such waits would take every worker and leave none to run the commits
-    that free buffers."""
+    that free buffers. A connection takes credits in request order, so a request never
+    holds buffers while waiting for an earlier one that waits for buffers."""
 
     def __init__(self, total: int):
         self.available = total
         self._condition = asyncio.Condition()
 
-    @contextlib.asynccontextmanager
-    async def hold(self, count: int) -> AsyncIterator[None]:
+    async def take(self, count: int) -> None:
         async with self._condition:
             await self._condition.wait_for(lambda: self.available >= count)
             self.available -= count
-        try:
-            yield
-        finally:
-            async with self._condition:
-                self.available += count
-                self._condition.notify_all()
+
+    async def give_back(self, count: int) -> None:
+        async with self._condition:
+            self.available += count
+            self._condition.notify_all()
+
+
+class Reply:
+    """A request that has run: how to send its response, and what to free afterwards
+    (or instead, when the connection dies first)."""
+
+    def __init__(
+        self, send: Callable[[], Awaitable[Status]],
+        release: Callable[[], Awaitable[None]] | None = None,
+    ):  # fmt: skip
+        self.send = send
+        self._release = release
+
+    async def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            await release()
+
+
+class Request:
+    """A request received, its buffers taken: whether it changes the store, how to run
+    it, and what to free if it never runs (its connection died first)."""
+
+    def __init__(
+        self, writes: bool, run: Callable[[], Awaitable[Reply]],
+        abandon: Callable[[], Awaitable[None]] | None = None,
+    ):  # fmt: skip
+        self.writes = writes
+        self.run = run
+        self.abandon = abandon
 
 
 class Server:
@@ -98,7 +132,6 @@ class Server:
         self._executor = ThreadPoolExecutor(worker_threads, thread_name_prefix="ctxkv-store")
         self._credits = BufferCredits(store.pool_buffers)
         self._connections: set[asyncio.Task] = set()
-        self._busy: set[asyncio.Task] = set()  # connections in the middle of a request
         self._listener: socket.socket | None = None
         self.metrics = Metrics()
 
@@ -132,15 +165,12 @@ class Server:
         with contextlib.suppress(asyncio.CancelledError):
             await accepting
         listener.close()
-        # Idle connections (waiting for a next request) go now; busy ones finish first.
-        for task in self._connections - self._busy:
-            task.cancel()
-        if self._busy:
-            await asyncio.wait(set(self._busy), timeout=30)
+        # Every connection stops reading requests; those it has received are answered
+        # first (each connection drains its pipeline before it closes).
         for task in list(self._connections):
             task.cancel()
         if self._connections:
-            await asyncio.wait(set(self._connections), timeout=5)
+            await asyncio.wait(set(self._connections), timeout=SHUTDOWN_DRAIN_S + 5)
         if exporter is not None:
             await exporter
         self._executor.shutdown(wait=True)
@@ -170,31 +200,106 @@ class Server:
         metrics = self.metrics
         metrics.connections_total += 1
         metrics.connections_active += 1
-        task = asyncio.current_task()
+        answering: set[asyncio.Task] = set()
         try:
             if await asyncio.wait_for(self._handshake(connection), HANDSHAKE_TIMEOUT_S):
-                while True:
-                    raw = await self._recv(connection, HEADER.size)
-                    self._busy.add(task)
-                    header = Header.unpack(raw, self.max_body_bytes)
-                    metrics.bytes_received += HEADER.size + header.body_bytes
-                    started = time.monotonic()
-                    status = await self._dispatch(connection, header)
-                    operation = Opcode(header.opcode).name.lower()
-                    metrics.observe(operation, status.name.lower(), time.monotonic() - started)
-                    self._busy.discard(task)
+                await self._serve_requests(connection, answering)
         except (TimeoutError, PeerClosed, ConnectionError, asyncio.CancelledError):
             pass
         except ProtocolError as error:
             metrics.protocol_errors += 1
             with contextlib.suppress(OSError):
+                if answering:  # the error answer goes after the answers owed before it
+                    await asyncio.wait(answering, timeout=SHUTDOWN_DRAIN_S)
                 await self._respond(connection, 0, Status.BAD_REQUEST, 0, str(error).encode())
         except Exception:
             logger.exception("connection failed")
         finally:
-            self._busy.discard(task)
+            if answering:
+                # Requests received before a shutdown or a client's half-close are answered.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait(answering, timeout=SHUTDOWN_DRAIN_S)
+                for task in answering:
+                    task.cancel()
             metrics.connections_active -= 1
             connection.close()
+
+    async def _serve_requests(self, connection: socket.socket, answering: set) -> None:
+        """Receives requests in order and answers up to PIPELINE_DEPTH at once. Responses
+        leave in request order. A request that reads runs alongside the reads around it;
+        one that writes runs after every request before it and before every one after it,
+        so a connection sees its own writes."""
+        loop = asyncio.get_running_loop()
+        connection_task = asyncio.current_task()
+        slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        done = loop.create_future()
+        done.set_result(None)
+        previous_sent, last_write_ran, reads_since_write = done, done, []
+        # Extents of values this connection put that may not be committed yet: a GET of
+        # such a key takes credits for them, not for what the store holds now.
+        putting: dict[bytes, int] = {}
+
+        def finished(task: asyncio.Task) -> None:
+            answering.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:
+                connection_task.cancel()  # the connection is broken: stop reading it
+
+        while True:
+            raw = await self._recv(connection, HEADER.size)
+            header = Header.unpack(raw, self.max_body_bytes)
+            self.metrics.bytes_received += HEADER.size + header.body_bytes
+            started = time.monotonic()
+            await slots.acquire()
+            if not answering:
+                putting.clear()
+            try:
+                request = await self._receive(connection, header, putting)
+            except BaseException:
+                slots.release()
+                raise
+            ran, sent = loop.create_future(), loop.create_future()
+            if request.writes:
+                after = [last_write_ran, *reads_since_write]
+                last_write_ran, reads_since_write = ran, []
+            else:
+                after = [last_write_ran]
+                reads_since_write.append(ran)
+            task = asyncio.create_task(
+                self._answer(connection, header, request, after, ran, previous_sent, sent, started)
+            )
+            previous_sent = sent
+            answering.add(task)
+            task.add_done_callback(finished)
+
+    async def _answer(
+        self, connection: socket.socket, header: Header, request: Request,
+        after: list[asyncio.Future],
+        ran: asyncio.Future, previous_sent: asyncio.Future, sent: asyncio.Future,
+        started: float,
+    ) -> None:  # fmt: skip
+        reply, running = None, False
+        try:
+            try:
+                await asyncio.gather(*after)
+                running = True
+                reply = await request.run()
+            except Exception as error:  # the store refused or failed: the client must hear why
+                logger.warning("%s failed: %s", Opcode(header.opcode).name, error)
+                reply = self._reply(connection, header, Status.SERVER_ERROR, str(error).encode())
+            finally:
+                ran.set_result(None)
+            await previous_sent
+            status = await reply.send()
+            operation = Opcode(header.opcode).name.lower()
+            self.metrics.observe(operation, status.name.lower(), time.monotonic() - started)
+        finally:
+            if not sent.done():
+                sent.set_result(None)
+            if reply is not None:
+                await reply.release()
+            elif not running and request.abandon is not None:
+                await request.abandon()
 
     async def _handshake(self, connection: socket.socket) -> bool:
         loop = asyncio.get_running_loop()
@@ -218,48 +323,74 @@ class Server:
         await self._respond(connection, 0, Status.OK, 0)
         return True
 
-    async def _dispatch(self, connection: socket.socket, header: Header) -> Status:
-        """Answers one request; returns the status it answered with."""
-        loop = asyncio.get_running_loop()
-        store, run = self.store, self._executor
-        request_id = header.request_id
-
-        async def reply(status: Status, body: bytes = b"") -> Status:
-            await self._respond(connection, header.opcode, status, request_id, body)
+    def _reply(
+        self, connection: socket.socket, header: Header, status: Status, body: bytes = b""
+    ) -> Reply:
+        async def send() -> Status:
+            await self._respond(connection, header.opcode, status, header.request_id, body)
             return status
 
+        return Reply(send)
+
+    async def _receive(
+        self, connection: socket.socket, header: Header, putting: dict[bytes, int]
+    ) -> Request:
+        """Reads the body of one request and takes the buffers it needs, in request order;
+        returns whether it writes and how to run it."""
+        loop = asyncio.get_running_loop()
+        store, run = self.store, self._executor
+
+        def replying(status: Status, body: bytes = b"") -> Reply:
+            return self._reply(connection, header, status, body)
+
         if header.opcode == Opcode.PUT:
-            return await self._put(connection, header)
+            return await self._receive_put(connection, header, putting)
         body = await self._recv(connection, header.body_bytes)
         if header.opcode == Opcode.GET:
-            return await self._get(connection, header, body)
+            key = _whole_key(body)
+            return await self._prepare_get(connection, header, key, putting.get(key, 1))
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
             key = _whole_key(body)
-            call = store.delete if header.opcode == Opcode.DELETE else store.__contains__
-            present = await loop.run_in_executor(run, call, key)
-            if header.opcode == Opcode.CONTAINS:
-                return await reply(Status.OK, bytes([int(present)]))
-            else:
-                return await reply(Status.OK if present else Status.NOT_FOUND)
+            deletes = header.opcode == Opcode.DELETE
+
+            async def test_or_delete() -> Reply:
+                present = await loop.run_in_executor(
+                    run, store.delete if deletes else store.__contains__, key
+                )
+                if deletes:
+                    return replying(Status.OK if present else Status.NOT_FOUND)
+                return replying(Status.OK, bytes([int(present)]))
+
+            return Request(deletes, test_or_delete)
         elif header.opcode == Opcode.LONGEST_PREFIX:
             keys = unpack_keys(body, DEFAULT_MAX_BATCH_KEYS)
-            count = await loop.run_in_executor(run, store.longest_prefix, keys)
-            return await reply(Status.OK, COUNT.pack(count))
+
+            async def longest_prefix() -> Reply:
+                count = await loop.run_in_executor(run, store.longest_prefix, keys)
+                return replying(Status.OK, COUNT.pack(count))
+
+            return Request(False, longest_prefix)
         elif header.opcode == Opcode.STATS:
-            stats = await loop.run_in_executor(run, store.stats)
-            server = {
-                "connections": self.metrics.connections_total,
-                "requests": sum(self.metrics.requests.values()),
-                "protocol_errors": self.metrics.protocol_errors,
-                "refused": self.metrics.connections_refused,
-            }
-            return await reply(Status.OK, json.dumps({**stats, "server": server}).encode())
+
+            async def stats() -> Reply:
+                stats = await loop.run_in_executor(run, store.stats)
+                server = {
+                    "connections": self.metrics.connections_total,
+                    "requests": sum(self.metrics.requests.values()),
+                    "protocol_errors": self.metrics.protocol_errors,
+                    "refused": self.metrics.connections_refused,
+                    "pool_leased": store.pool_leased,
+                }
+                return replying(Status.OK, json.dumps({**stats, "server": server}).encode())
+
+            return Request(False, stats)
         else:
             raise ProtocolError(f"unknown opcode {header.opcode}")
 
-    async def _put(self, connection: socket.socket, header: Header) -> Status:
+    async def _receive_put(
+        self, connection: socket.socket, header: Header, putting: dict[bytes, int]
+    ) -> Request:
         """PUT: the key, then the value received straight into reserved pool buffers."""
-        loop = asyncio.get_running_loop()
         if header.body_bytes < KEY_LENGTH.size:
             raise ProtocolError("PUT body too short")
         (key_bytes,) = KEY_LENGTH.unpack(await self._recv(connection, KEY_LENGTH.size))
@@ -275,46 +406,90 @@ class Server:
             parts = self.store.parts_for(value_bytes)
         except ValueTooLargeError as error:
             await self._discard(connection, value_bytes)
-            message = str(error).encode()
-            await self._respond(
-                connection, Opcode.PUT, Status.TOO_LARGE, header.request_id, message
-            )
-            return Status.TOO_LARGE
-        async with self._credits.hold(parts):
-            lease = await loop.run_in_executor(self._executor, self.store.reserve, value_bytes)
+            reply = self._reply(connection, header, Status.TOO_LARGE, str(error).encode())
+
+            async def refuse() -> Reply:
+                return reply
+
+            return Request(True, refuse)
+        putting[key] = parts
+        await self._credits.take(parts)
+        try:
+            lease = await self._in_worker(self.store.reserve, value_bytes)
             try:
                 for view in lease.views:
                     await self._recv_into(connection, view)
             except BaseException:
                 lease.release()
                 raise
-            try:
-                await loop.run_in_executor(self._executor, self.store.commit, key, lease)
-                status, message = Status.OK, b""
-            except Exception as error:  # the store refused or failed: the client must hear why
-                logger.warning("put of %r failed: %s", key, error)
-                status, message = Status.SERVER_ERROR, str(error).encode()
-        await self._respond(connection, Opcode.PUT, status, header.request_id, message)
-        return status
+        except BaseException:
+            await self._credits.give_back(parts)
+            raise
 
-    async def _get(self, connection: socket.socket, header: Header, body: bytes) -> Status:
+        async def commit() -> Reply:
+            try:
+                await self._in_worker(self.store.commit, key, lease)
+            finally:
+                await self._credits.give_back(parts)
+            return self._reply(connection, header, Status.OK)
+
+        async def abandon() -> None:
+            lease.release()
+            await self._credits.give_back(parts)
+
+        return Request(True, commit, abandon)
+
+    async def _prepare_get(
+        self, connection: socket.socket, header: Header, key: bytes, least_parts: int
+    ) -> Request:
         """GET: the value sent straight from the pool buffers it was read into."""
         loop = asyncio.get_running_loop()
-        key = _whole_key(body)
         # An absent key still goes through store.read, so the store counts the miss.
-        parts = self.store.parts_of(key) or 1
-        async with self._credits.hold(parts):
-            lease = await loop.run_in_executor(self._executor, self.store.read, key)
-            if lease is not None:
-                with lease:
-                    head = Header(Opcode.GET, Status.OK, header.request_id, lease.nbytes)
-                    await loop.sock_sendall(connection, head.pack())
-                    for view in lease.views:
-                        await loop.sock_sendall(connection, view)
-                    self.metrics.bytes_sent += HEADER.size + lease.nbytes
+        # (Never more than the pool: a value that big fails in store.read, clearly.)
+        parts = min(max(self.store.parts_of(key) or 1, least_parts), self.store.pool_buffers)
+        await self._credits.take(parts)
+
+        async def give_back() -> None:
+            await self._credits.give_back(parts)
+
+        async def read() -> Reply:
+            try:
+                lease = await self._in_worker(self.store.read, key)
+            except BaseException:
+                await give_back()
+                raise
+            if lease is None:
+                await give_back()
+                return self._reply(connection, header, Status.NOT_FOUND)
+
+            async def send() -> Status:
+                head = Header(Opcode.GET, Status.OK, header.request_id, lease.nbytes)
+                await loop.sock_sendall(connection, head.pack())
+                for view in lease.views:
+                    await loop.sock_sendall(connection, view)
+                self.metrics.bytes_sent += HEADER.size + lease.nbytes
                 return Status.OK
-        await self._respond(connection, Opcode.GET, Status.NOT_FOUND, header.request_id)
-        return Status.NOT_FOUND
+
+            async def release() -> None:
+                lease.release()
+                await give_back()
+
+            return Reply(send, release)
+
+        return Request(False, read, give_back)
+
+    async def _in_worker(self, call: Callable, *arguments: object) -> object:
+        """call(*arguments) on a worker thread. If the waiting task is cancelled, the call
+        is let finish first, so no one frees buffers a worker is still using, and buffers
+        it returned to no one are released."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call, *arguments)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])
+            if not future.exception() and isinstance(future.result(), Releasable):
+                future.result().release()
+            raise
 
     # ---- socket plumbing -------------------------------------------------------------------
 
