@@ -78,6 +78,37 @@ def test_eio_on_a_write_fails_that_put_and_nothing_else(faulty_store, what):
         assert again.get(b"c") == b"C" * 7000
 
 
+def test_a_put_many_stops_at_the_half_that_failed(tmp_path):
+    """put_many commits half a pool at a time on a worker while it copies the next half:
+    the values before a failed half are stored, that half and those after it are not,
+    and a key put twice keeps its later value."""
+    target = str(tmp_path / "store.img")
+    with open(target, "wb") as file:
+        file.truncate(64 * MIB)
+    Store.format([target], extent_size=EXTENT).close()
+    device = FaultInjectionTestDevice(seed=2)
+    values = [(f"k{i % 9}".encode(), bytes([i]) * (EXTENT - i)) for i in range(12)]
+    with Store.open([target], ring_factory=device.ring_factory, pool_buffers=8) as store:
+        store.put_many(values)  # halves of 4 values: three of them
+        for key, value in values[3:]:  # k0..k2 were put twice; the later value won
+            assert store.get(key) == value
+        data_writes = []
+
+        def fail_third_half(op: str, member: int, offset: int, nbytes: int) -> bool:
+            if op == "write" and nbytes > 4096:
+                data_writes.append(offset)
+            return len(data_writes) > 8 and op == "write" and nbytes > 4096
+
+        device.fail_io = fail_third_half
+        renamed = [(f"new-{i}".encode(), value) for i, (_, value) in enumerate(values)]
+        with pytest.raises(DeviceIOError):
+            store.put_many(renamed)
+        device.fail_io = None
+        assert [store.get(key) for key, _ in renamed[:8]] == [v for _, v in renamed[:8]]
+        assert all(store.get(key) is None for key, _ in renamed[8:])
+        assert store.stats()["failed_puts"] == 4
+
+
 def test_a_journal_that_cannot_even_be_voided_stops_acknowledging(faulty_store):
     target, store, device = faulty_store
     device.fail_io = lambda op, member, offset, nbytes: op == "write" and nbytes == 4096

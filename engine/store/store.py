@@ -13,6 +13,8 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import numpy as np
 
@@ -181,6 +183,7 @@ class Store(Closeable):
         self._ring_factory = ring_factory
         self._rings: list[Ring] = []
         self._rings_lock = threading.Lock()
+        self._put_executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # state, allocation, sequence numbers
         self._closed = False
         self._member_cursor = 0
@@ -400,6 +403,9 @@ class Store(Closeable):
 
     def _release_memory(self) -> None:
         with self._rings_lock:
+            if self._put_executor is not None:
+                self._put_executor.shutdown(wait=True)
+                self._put_executor = None
             for ring in self._rings:
                 ring.close()
             self._rings.clear()
@@ -504,44 +510,95 @@ class Store(Closeable):
 
     def put_many(self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
         """Stores several values with one parallel write, one flush and one journal commit
-        per pool-full of extents."""
+        per half a pool of extents. While one half is written, flushed and journaled on a
+        worker thread, the next half is copied into the pool, so the copy (and its CRC)
+        does not leave the device idle. Values are committed in order."""
+        chunks = self._put_chunks(items)
+        current = next(chunks, None)
+        writing: Future | None = None
+        try:
+            while current is not None:
+                following = next(chunks, None)
+                leases = self._pool.lease_many(current[1], timeout=None)
+                try:
+                    staged = self._copy_in(current[0], leases)
+                    if writing is not None:
+                        writing, earlier = None, writing
+                        earlier.result()  # an earlier failure stops the later values
+                except BaseException:
+                    for lease in leases:
+                        lease.release()
+                    raise
+                if following is None:
+                    self._commit_and_release(staged, leases)
+                else:
+                    writing = self._put_worker().submit(self._commit_and_release, staged, leases)
+                current = following
+        finally:
+            if writing is not None:
+                futures_wait([writing])  # never return while a commit of ours still runs
+        if writing is not None:
+            writing.result()
+
+    def _put_chunks(
+        self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
+    ) -> Iterator[tuple[list[tuple[bytes, memoryview]], int]]:
+        """(values, extents they take), at most half a pool of extents at a time (or one
+        value, however large), checking each key and size on the way."""
+        limit = max(1, self._pool.count // 2)
         chunk: list[tuple[bytes, memoryview]] = []
         chunk_parts = 0
         for key, value in items:
             self._check_key(key)
             view = memoryview(value).cast("B")
             parts = self._part_count(len(view))
-            if chunk and chunk_parts + parts > self._pool.count:
-                self._put_chunk(chunk, chunk_parts)
+            if chunk and chunk_parts + parts > limit:
+                yield chunk, chunk_parts
                 chunk, chunk_parts = [], 0
             chunk.append((key, view))
             chunk_parts += parts
         if chunk:
-            self._put_chunk(chunk, chunk_parts)
+            yield chunk, chunk_parts
 
-    def _put_chunk(self, chunk: list[tuple[bytes, memoryview]], part_total: int) -> None:
-        all_leases = self._pool.lease_many(part_total, timeout=None)
+    def _copy_in(
+        self, chunk: list[tuple[bytes, memoryview]], leases: list[Lease]
+    ) -> list[tuple[bytes, list[Lease], int, list[int] | None]]:
+        """Copies each value into its leases' payloads, checksumming as it goes."""
+        staged = []
+        for key, view in chunk:
+            value_leases = leases[: self._part_count(len(view))]
+            leases = leases[len(value_leases) :]
+            crcs = []
+            # Released at once: a buffer still exported from a memoryview that a
+            # traceback cycle keeps alive crashes CPython's collector when it frees both.
+            with ffi.from_buffer(view) as source:
+                for part_index, lease in enumerate(value_leases):
+                    start = part_index * self.extent_bytes
+                    nbytes = min(self.extent_bytes, len(view) - start)
+                    payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
+                    crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
+            staged.append((key, value_leases, len(view), crcs))
+        assert not leases
+        return staged
+
+    def _commit_and_release(
+        self, staged: list[tuple[bytes, list[Lease], int, list[int] | None]], leases: list[Lease]
+    ) -> None:
         try:
-            staged = []
-            leases = all_leases
-            for key, view in chunk:
-                value_leases = leases[: self._part_count(len(view))]
-                leases = leases[len(value_leases) :]
-                crcs = []
-                # Released at once: a buffer still exported from a memoryview that a
-                # traceback cycle keeps alive crashes CPython's collector when it frees both.
-                with ffi.from_buffer(view) as source:
-                    for part_index, lease in enumerate(value_leases):
-                        start = part_index * self.extent_bytes
-                        nbytes = min(self.extent_bytes, len(view) - start)
-                        payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
-                        crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
-                staged.append((key, value_leases, len(view), crcs))
-            assert not leases
             self._commit_staged(staged)
         finally:
-            for lease in all_leases:
+            for lease in leases:
                 lease.release()
+
+    def _put_worker(self) -> ThreadPoolExecutor:
+        """The thread that commits one half of a put_many while the caller copies the next
+        (with its own ring, like every thread)."""
+        with self._rings_lock:
+            if self._put_executor is None:
+                if self._closed:
+                    raise CtxkvError("the store is closed")
+                self._put_executor = ThreadPoolExecutor(1, thread_name_prefix="ctxkv-put")
+            return self._put_executor
 
     def reserve(self, nbytes: int) -> ValueLease:
         """Pool buffers to fill with a value of nbytes, then hand to commit(): zero-copy put."""
