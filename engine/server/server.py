@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from engine.server.metrics import Metrics, serve_metrics
 from engine.server.protocol import (
@@ -40,6 +41,7 @@ from engine.server.protocol import (
     unpack_keys,
 )
 from engine.store.store import Store, ValueTooLargeError
+from engine.tenants.config import Tenant
 
 logger = logging.getLogger("ctxkv.server")
 HANDSHAKE_TIMEOUT_S = 10
@@ -48,6 +50,24 @@ FLAG_TOKEN_REQUIRED = 1
 
 class PeerClosed(Exception):
     """The client went away mid-frame."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """Who a connection proved to be: a tenant, whose keys are all namespaced under its
+    prefix, or nobody in particular (no tenant table: the whole store, as before)."""
+
+    tenant: str | None = None
+    prefix: bytes = b""
+
+    def key(self, key: bytes) -> bytes:
+        """The stored key of the client's key."""
+        if len(self.prefix) + len(key) > MAX_KEY_BYTES:
+            raise ProtocolError(
+                f"key of {len(key)} bytes: tenant {self.tenant!r}'s keys are at most "
+                f"{MAX_KEY_BYTES - len(self.prefix)} bytes"
+            )
+        return self.prefix + key
 
 
 class BufferCredits:
@@ -81,13 +101,22 @@ class Server:
         port: int = 7420,
         *,
         token: bytes | None = None,
+        tenants: Sequence[Tenant] = (),
         max_connections: int = 256,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         worker_threads: int = 8,
     ):
+        """tenants: each connection must prove one tenant's token and then sees only that
+        tenant's keys; their quotas are enforced on store (QuotaError if they do not fit)."""
+        if token and tenants:
+            raise ValueError("a server has one token or a tenant table, not both")
         self.store = store
         self.host, self.port = host, port
         self.token = token
+        self.tenants = list(tenants)
+        self.quotas = (
+            store.enforce_quotas({t.name: t.quota_bytes for t in tenants}) if tenants else None
+        )
         self.max_connections = max_connections
         self.max_value_bytes = max_value_bytes
         # The largest body a request may carry: a PUT of the largest value, or a batch of keys.
@@ -146,8 +175,9 @@ class Server:
         self._executor.shutdown(wait=True)
 
     def render_metrics(self) -> str:
+        usage = {t.name: self.quotas.report(t.name) for t in self.tenants} if self.quotas else {}
         return self.metrics.render(
-            self.store.stats(), self.store.pool_leased, self.store.pool_buffers
+            self.store.stats(), self.store.pool_leased, self.store.pool_buffers, usage
         )
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -172,16 +202,20 @@ class Server:
         metrics.connections_active += 1
         task = asyncio.current_task()
         try:
-            if await asyncio.wait_for(self._handshake(connection), HANDSHAKE_TIMEOUT_S):
+            session = await asyncio.wait_for(self._handshake(connection), HANDSHAKE_TIMEOUT_S)
+            if session is not None:
                 while True:
                     raw = await self._recv(connection, HEADER.size)
                     self._busy.add(task)
                     header = Header.unpack(raw, self.max_body_bytes)
                     metrics.bytes_received += HEADER.size + header.body_bytes
                     started = time.monotonic()
-                    status = await self._dispatch(connection, header)
+                    status = await self._dispatch(connection, header, session)
                     operation = Opcode(header.opcode).name.lower()
-                    metrics.observe(operation, status.name.lower(), time.monotonic() - started)
+                    metrics.observe(
+                        operation, status.name.lower(), time.monotonic() - started,
+                        session.tenant,
+                    )  # fmt: skip
                     self._busy.discard(task)
         except (TimeoutError, PeerClosed, ConnectionError, asyncio.CancelledError):
             pass
@@ -196,10 +230,11 @@ class Server:
             metrics.connections_active -= 1
             connection.close()
 
-    async def _handshake(self, connection: socket.socket) -> bool:
+    async def _handshake(self, connection: socket.socket) -> Session | None:
+        """The session the client proved, or None when it was refused."""
         loop = asyncio.get_running_loop()
         nonce = os.urandom(NONCE_BYTES)
-        flags = FLAG_TOKEN_REQUIRED if self.token else 0
+        flags = FLAG_TOKEN_REQUIRED if self.token or self.tenants else 0
         await loop.sock_sendall(connection, HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, flags, nonce))
         magic, version, _flags, client_proof = HELLO.unpack(
             await self._recv(connection, HELLO.size)
@@ -211,14 +246,24 @@ class Server:
                 f"protocol version {version} unsupported, this server speaks {PROTOCOL_VERSION}"
             )
             await self._respond(connection, 0, Status.BAD_REQUEST, 0, message.encode())
-            return False
-        if self.token and not _equal(client_proof, proof(self.token, nonce)):
+            return None
+        session: Session | None = Session()
+        if self.tenants:
+            # Every tenant's proof is checked, so the time taken says nothing of which
+            # tenant (if any) the proof was close to.
+            proven = [t for t in self.tenants if _equal(client_proof, proof(t.token, nonce))]
+            session = Session(proven[0].name, proven[0].prefix) if proven else None
+        elif self.token and not _equal(client_proof, proof(self.token, nonce)):
+            session = None
+        if session is None:
             await self._respond(connection, 0, Status.UNAUTHORIZED, 0, b"wrong token")
-            return False
+            return None
         await self._respond(connection, 0, Status.OK, 0)
-        return True
+        return session
 
-    async def _dispatch(self, connection: socket.socket, header: Header) -> Status:
+    async def _dispatch(
+        self, connection: socket.socket, header: Header, session: Session
+    ) -> Status:
         """Answers one request; returns the status it answered with."""
         loop = asyncio.get_running_loop()
         store, run = self.store, self._executor
@@ -229,12 +274,12 @@ class Server:
             return status
 
         if header.opcode == Opcode.PUT:
-            return await self._put(connection, header)
+            return await self._put(connection, header, session)
         body = await self._recv(connection, header.body_bytes)
         if header.opcode == Opcode.GET:
-            return await self._get(connection, header, body)
+            return await self._get(connection, header, session.key(_whole_key(body)), session)
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
-            key = _whole_key(body)
+            key = session.key(_whole_key(body))
             call = store.delete if header.opcode == Opcode.DELETE else store.__contains__
             present = await loop.run_in_executor(run, call, key)
             if header.opcode == Opcode.CONTAINS:
@@ -242,9 +287,18 @@ class Server:
             else:
                 return await reply(Status.OK if present else Status.NOT_FOUND)
         elif header.opcode == Opcode.LONGEST_PREFIX:
-            keys = unpack_keys(body, DEFAULT_MAX_BATCH_KEYS)
+            keys = [session.key(key) for key in unpack_keys(body, DEFAULT_MAX_BATCH_KEYS)]
             count = await loop.run_in_executor(run, store.longest_prefix, keys)
             return await reply(Status.OK, COUNT.pack(count))
+        elif header.opcode == Opcode.STATS and session.tenant is not None:
+            # A tenant hears of itself only: nothing of the others' keys or traffic.
+            stats = {
+                "tenant": session.tenant,
+                "extent_bytes": store.extent_bytes,
+                **self.quotas.report(session.tenant),
+                **self.metrics.tenant_figures(session.tenant),
+            }
+            return await reply(Status.OK, json.dumps(stats).encode())
         elif header.opcode == Opcode.STATS:
             stats = await loop.run_in_executor(run, store.stats)
             server = {
@@ -257,7 +311,7 @@ class Server:
         else:
             raise ProtocolError(f"unknown opcode {header.opcode}")
 
-    async def _put(self, connection: socket.socket, header: Header) -> Status:
+    async def _put(self, connection: socket.socket, header: Header, session: Session) -> Status:
         """PUT: the key, then the value received straight into reserved pool buffers."""
         loop = asyncio.get_running_loop()
         if header.body_bytes < KEY_LENGTH.size:
@@ -265,7 +319,7 @@ class Server:
         (key_bytes,) = KEY_LENGTH.unpack(await self._recv(connection, KEY_LENGTH.size))
         if not 0 < key_bytes <= MAX_KEY_BYTES or KEY_LENGTH.size + key_bytes > header.body_bytes:
             raise ProtocolError(f"bad key length {key_bytes}")
-        key = bytes(await self._recv(connection, key_bytes))
+        key = session.key(bytes(await self._recv(connection, key_bytes)))
         value_bytes = header.body_bytes - KEY_LENGTH.size - key_bytes
         if value_bytes > self.max_value_bytes:
             raise ProtocolError(
@@ -291,16 +345,18 @@ class Server:
             try:
                 await loop.run_in_executor(self._executor, self.store.commit, key, lease)
                 status, message = Status.OK, b""
+                self.metrics.count_bytes(session.tenant, "put", value_bytes)
             except Exception as error:  # the store refused or failed: the client must hear why
                 logger.warning("put of %r failed: %s", key, error)
                 status, message = Status.SERVER_ERROR, str(error).encode()
         await self._respond(connection, Opcode.PUT, status, header.request_id, message)
         return status
 
-    async def _get(self, connection: socket.socket, header: Header, body: bytes) -> Status:
+    async def _get(
+        self, connection: socket.socket, header: Header, key: bytes, session: Session
+    ) -> Status:
         """GET: the value sent straight from the pool buffers it was read into."""
         loop = asyncio.get_running_loop()
-        key = _whole_key(body)
         # An absent key still goes through store.read, so the store counts the miss.
         parts = self.store.parts_of(key) or 1
         async with self._credits.hold(parts):
@@ -312,6 +368,7 @@ class Server:
                     for view in lease.views:
                         await loop.sock_sendall(connection, view)
                     self.metrics.bytes_sent += HEADER.size + lease.nbytes
+                    self.metrics.count_bytes(session.tenant, "got", lease.nbytes)
                 return Status.OK
         await self._respond(connection, Opcode.GET, Status.NOT_FOUND, header.request_id)
         return Status.NOT_FOUND
