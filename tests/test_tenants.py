@@ -10,7 +10,7 @@ from test_server import CTXKV
 from test_server import serve as serve_fixture
 
 from engine.alloc.log import StoreFullError
-from engine.client.client import AuthenticationError, Client
+from engine.client.client import AuthenticationError, Client, RequestError
 from engine.index import key_digest
 from engine.store.store import RELAXED, Store
 from engine.tenants.config import TenantConfigError, load_tenants
@@ -178,6 +178,15 @@ def test_two_tenants_see_only_their_own_keys(serve, tmp_path):
         assert stats["used_bytes"] == 4 * MIB and stats["evictions"] == 9
         assert "keys" not in stats and "members" not in stats  # nothing of the store's
         assert b.stats()["used_bytes"] == 2 * MIB
+    with Client(served.address, token="token-a") as a:
+        longest = 1024 - len(tenant_prefix("a"))
+        a.put(b"k" * longest, b"fits")
+        too_long = f"tenant 'a''s keys are at most {longest} bytes"
+        with pytest.raises(RequestError, match=too_long):
+            a.get(b"k" * (longest + 1))
+        with pytest.raises(RequestError, match=too_long):
+            a.put(b"k" * (longest + 1), b"v")
+        assert a.get(b"k" * longest) == b"fits"  # the connection goes on
     with urllib.request.urlopen(served.metrics_url, timeout=10) as response:
         text = response.read().decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
@@ -187,15 +196,15 @@ def test_two_tenants_see_only_their_own_keys(serve, tmp_path):
 
     assert per_tenant("ctxkv_tenant_used_bytes") == {"a": 4 * MIB, "b": 2 * MIB}
     assert per_tenant("ctxkv_tenant_quota_bytes") == {"a": 4 * MIB, "b": 8 * MIB}
-    assert per_tenant("ctxkv_tenant_evictions") == {"a": 9, "b": 0}
-    assert per_tenant("ctxkv_tenant_hits") == {"a": 1, "b": 4}
+    assert per_tenant("ctxkv_tenant_evictions") == {"a": 10, "b": 0}
+    assert per_tenant("ctxkv_tenant_hits") == {"a": 2, "b": 4}
     assert per_tenant("ctxkv_tenant_misses") == {"a": 1, "b": 0}
-    assert per_tenant("ctxkv_tenant_put_bytes")["a"] == len(b"a's value") + 12 * 600 * KIB
+    assert per_tenant("ctxkv_tenant_put_bytes")["a"] == len(b"a's valuefits") + 12 * 600 * KIB
     requests = {
         (s.labels["tenant"], s.labels["op"], s.labels["status"]): s.value
         for s in families["ctxkv_tenant_requests"].samples
     }
-    assert requests[("a", "put", "ok")] == 13 and requests[("b", "put", "ok")] == 2
+    assert requests[("a", "put", "ok")] == 14 and requests[("b", "put", "ok")] == 2
     assert requests[("a", "delete", "not_found")] == 1
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -52,6 +52,10 @@ class PeerClosed(Exception):
     """The client went away mid-frame."""
 
 
+class TenantKeyTooLong(ValueError):
+    """A key that fits the protocol but not under its tenant's prefix: TOO_LARGE."""
+
+
 @dataclass(frozen=True)
 class Session:
     """Who a connection proved to be: a tenant, whose keys are all namespaced under its
@@ -63,7 +67,7 @@ class Session:
     def key(self, key: bytes) -> bytes:
         """The stored key of the client's key."""
         if len(self.prefix) + len(key) > MAX_KEY_BYTES:
-            raise ProtocolError(
+            raise TenantKeyTooLong(
                 f"key of {len(key)} bytes: tenant {self.tenant!r}'s keys are at most "
                 f"{MAX_KEY_BYTES - len(self.prefix)} bytes"
             )
@@ -265,17 +269,26 @@ class Server:
         self, connection: socket.socket, header: Header, session: Session
     ) -> Status:
         """Answers one request; returns the status it answered with."""
-        loop = asyncio.get_running_loop()
-        store, run = self.store, self._executor
-        request_id = header.request_id
 
         async def reply(status: Status, body: bytes = b"") -> Status:
-            await self._respond(connection, header.opcode, status, request_id, body)
+            await self._respond(connection, header.opcode, status, header.request_id, body)
             return status
 
         if header.opcode == Opcode.PUT:
             return await self._put(connection, header, session)
         body = await self._recv(connection, header.body_bytes)
+        try:
+            return await self._answer(connection, header, body, session, reply)
+        except TenantKeyTooLong as error:
+            return await reply(Status.TOO_LARGE, str(error).encode())
+
+    async def _answer(
+        self, connection: socket.socket, header: Header, body: bytes, session: Session,
+        reply: Callable[[Status, bytes], Awaitable[Status]],
+    ) -> Status:  # fmt: skip
+        """Answers a request other than PUT, its body received."""
+        loop = asyncio.get_running_loop()
+        store, run = self.store, self._executor
         if header.opcode == Opcode.GET:
             return await self._get(connection, header, session.key(_whole_key(body)), session)
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
@@ -319,8 +332,15 @@ class Server:
         (key_bytes,) = KEY_LENGTH.unpack(await self._recv(connection, KEY_LENGTH.size))
         if not 0 < key_bytes <= MAX_KEY_BYTES or KEY_LENGTH.size + key_bytes > header.body_bytes:
             raise ProtocolError(f"bad key length {key_bytes}")
-        key = session.key(bytes(await self._recv(connection, key_bytes)))
         value_bytes = header.body_bytes - KEY_LENGTH.size - key_bytes
+        try:
+            key = session.key(bytes(await self._recv(connection, key_bytes)))
+        except TenantKeyTooLong as error:
+            await self._discard(connection, value_bytes)
+            await self._respond(
+                connection, Opcode.PUT, Status.TOO_LARGE, header.request_id, str(error).encode()
+            )
+            return Status.TOO_LARGE
         if value_bytes > self.max_value_bytes:
             raise ProtocolError(
                 f"value of {value_bytes} bytes exceeds the limit {self.max_value_bytes}"
