@@ -44,6 +44,17 @@ STORE_GAUGES = {
     ),
 }
 
+# Per-tenant series: a key of Quotas.report or Metrics.tenant_figures -> (metric, kind, help).
+TENANT_SERIES = {
+    "bytes_put": ("ctxkv_tenant_put_bytes_total", "counter", "Value bytes put."),
+    "bytes_got": ("ctxkv_tenant_got_bytes_total", "counter", "Value bytes returned."),
+    "hits": ("ctxkv_tenant_hits_total", "counter", "Gets that returned a value."),
+    "misses": ("ctxkv_tenant_misses_total", "counter", "Gets that found nothing."),
+    "evictions": ("ctxkv_tenant_evictions_total", "counter", "The tenant's values evicted."),
+    "used_bytes": ("ctxkv_tenant_used_bytes", "gauge", "Extent bytes the tenant's values take."),
+    "quota_bytes": ("ctxkv_tenant_quota_bytes", "gauge", "Extent bytes the tenant may take."),
+}
+
 
 class Histogram:
     def __init__(self) -> None:
@@ -167,26 +178,11 @@ class Metrics:
                 f'ctxkv_tenant_requests_total{{tenant="{tenant}",op="{operation}",'
                 f'status="{status}"}} {count}'
             )
-        figures = {name: self.tenant_figures(name) for name in tenants}
-        for name, kind, help_text, value_of in (
-            ("ctxkv_tenant_put_bytes_total", "counter", "Value bytes put.",
-             lambda t: figures[t]["bytes_put"]),
-            ("ctxkv_tenant_got_bytes_total", "counter", "Value bytes returned.",
-             lambda t: figures[t]["bytes_got"]),
-            ("ctxkv_tenant_hits_total", "counter", "Gets that returned a value.",
-             lambda t: figures[t]["hits"]),
-            ("ctxkv_tenant_misses_total", "counter", "Gets that found nothing.",
-             lambda t: figures[t]["misses"]),
-            ("ctxkv_tenant_evictions_total", "counter", "The tenant's values evicted.",
-             lambda t: tenants[t]["evictions"]),
-            ("ctxkv_tenant_used_bytes", "gauge", "Extent bytes the tenant's values take.",
-             lambda t: tenants[t]["used_bytes"]),
-            ("ctxkv_tenant_quota_bytes", "gauge", "Extent bytes the tenant may take.",
-             lambda t: tenants[t]["quota_bytes"]),
-        ):  # fmt: skip
+        for key, (name, kind, help_text) in TENANT_SERIES.items():
             family(name, kind, help_text)
             for tenant in sorted(tenants):
-                lines.append(f'{name}{{tenant="{tenant}"}} {value_of(tenant)}')
+                figures = {**tenants[tenant], **self.tenant_figures(tenant)}
+                lines.append(f'{name}{{tenant="{tenant}"}} {figures[key]}')
 
 
 async def serve_metrics(
