@@ -69,7 +69,7 @@ def key_digest(key: bytes) -> bytes:
     (engine.tenants.keys) ends its digest with the tenant's tag instead."""
     if not 0 < len(key) <= MAX_KEY_BYTES:
         raise ValueError(f"a key is 1..{MAX_KEY_BYTES} bytes, got {len(key)}")
-    if key[:3] == TENANT_KEY_MARK:
+    if key[0] == 0 and key.startswith(TENANT_KEY_MARK):  # key[0]: no slice made
         digest = tenant_digest(key)
         if digest is not None:
             return digest
