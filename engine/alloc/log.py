@@ -47,12 +47,17 @@ class Claim:
         live = states == LIVE
         if self.own_only:
             return live & (tags == self.tag)
-        return (states == FREE) | (live & ~np.isin(tags, self.protected))
+        # A comparison per protected tag: tenants are few, and np.isin costs more.
+        for tag in self.protected.tolist():
+            live &= tags != tag
+        return live | (states == FREE)
 
 
-# The claimed scan tests this many slots per numpy call: stepping over a long run of
+# The claimed scan tests slots a chunk per numpy call, the first chunk small (the slot
+# at the head is usually taken) and each next one larger: stepping over a long run of
 # other tenants' values costs a few calls, not a Python iteration per slot.
-SCAN_SLOTS = 4096
+FIRST_SCAN_SLOTS = 16
+MAX_SCAN_SLOTS = 65536
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,9 @@ class MemberLog:
         so its tenant's usage counts it while it is being written."""
         for _ in range(2):
             for begin, end in ((self.head, self.slot_count), (0, self.head)):
-                for chunk in range(begin, end, SCAN_SLOTS):
-                    stop = min(chunk + SCAN_SLOTS, end)
+                chunk, scan_slots = begin, FIRST_SCAN_SLOTS
+                while chunk < end:
+                    stop = min(chunk + scan_slots, end)
                     found = claim.candidates(self.state[chunk:stop], self.tags[chunk:stop])
                     for offset in np.flatnonzero(found).tolist():
                         slot = chunk + offset
@@ -166,6 +172,7 @@ class MemberLog:
                         if self.usage is not None:
                             self._count(slot, 1)
                         return slot, eviction
+                    chunk, scan_slots = stop, min(2 * scan_slots, MAX_SCAN_SLOTS)
         raise StoreFullError(
             f"member {self.member}: no slot this put may take is free, unpinned or written"
         )
