@@ -41,21 +41,27 @@ class Claim:
 
     tag: int | None
     own_only: bool
-    protected: np.ndarray  # uint32 tags of the tenants within their quotas
+    protected: tuple[int, ...]  # tags of the tenants within their quotas
+
+    def allows(self, state: int, tag: int) -> bool:
+        """Whether one slot may be taken: candidates() for a single slot."""
+        if state == LIVE:
+            return tag == self.tag if self.own_only else tag not in self.protected
+        return state == FREE and not self.own_only
 
     def candidates(self, states: np.ndarray, tags: np.ndarray) -> np.ndarray:
         live = states == LIVE
         if self.own_only:
             return live & (tags == self.tag)
         # A comparison per protected tag: tenants are few, and np.isin costs more.
-        for tag in self.protected.tolist():
+        for tag in self.protected:
             live &= tags != tag
         return live | (states == FREE)
 
 
-# The claimed scan tests slots a chunk per numpy call, the first chunk small (the slot
-# at the head is usually taken) and each next one larger: stepping over a long run of
-# other tenants' values costs a few calls, not a Python iteration per slot.
+# The claimed scan tests the head's slot alone first (usually it is taken), then slots a
+# chunk per numpy call, each chunk larger: stepping over a long run of other tenants'
+# values costs a few calls, not a Python iteration per slot.
 FIRST_SCAN_SLOTS = 16
 MAX_SCAN_SLOTS = 65536
 
@@ -150,29 +156,41 @@ class MemberLog:
         """allocate() for a put of digest under claim: the head steps over every slot the
         claim may not take, as over a pinned one. The slot is marked with digest at once,
         so its tenant's usage counts it while it is being written."""
+        head = self.head
+        if claim.allows(int(self.state[head]), int(self.tags[head])):
+            taken = self._take(head, keep, digest)
+            if taken is not None:
+                return taken
         for _ in range(2):
-            for begin, end in ((self.head, self.slot_count), (0, self.head)):
+            for begin, end in ((head + 1, self.slot_count), (0, head + 1)):
                 chunk, scan_slots = begin, FIRST_SCAN_SLOTS
                 while chunk < end:
                     stop = min(chunk + scan_slots, end)
                     found = claim.candidates(self.state[chunk:stop], self.tags[chunk:stop])
                     for offset in np.flatnonzero(found).tolist():
-                        slot = chunk + offset
-                        eviction = None
-                        if self.state[slot] == LIVE:
-                            owner = self.digest[slot].tobytes()
-                            if keep(owner):
-                                continue
-                            eviction = Eviction(self.member, slot, owner, int(self.sequence[slot]))
-                        self.head = (slot + 1) % self.slot_count
-                        if self.usage is not None:
-                            self._count(slot, -1)
-                        self.state[slot] = WRITING
-                        self.digest[slot] = np.void(digest)
-                        if self.usage is not None:
-                            self._count(slot, 1)
-                        return slot, eviction
+                        taken = self._take(chunk + offset, keep, digest)
+                        if taken is not None:
+                            return taken
                     chunk, scan_slots = stop, min(2 * scan_slots, MAX_SCAN_SLOTS)
         raise StoreFullError(
             f"member {self.member}: no slot this put may take is free, unpinned or written"
         )
+
+    def _take(
+        self, slot: int, keep: Callable[[bytes], bool], digest: bytes
+    ) -> tuple[int, Eviction | None] | None:
+        """Takes a slot the claim allows for digest, unless keep() keeps its value."""
+        eviction = None
+        if self.state[slot] == LIVE:
+            owner = self.digest[slot].tobytes()
+            if keep(owner):
+                return None
+            eviction = Eviction(self.member, slot, owner, int(self.sequence[slot]))
+        self.head = (slot + 1) % self.slot_count
+        if self.usage is not None:
+            self._count(slot, -1)
+        self.state[slot] = WRITING
+        self.digest[slot] = np.void(digest)
+        if self.usage is not None:
+            self._count(slot, 1)
+        return slot, eviction

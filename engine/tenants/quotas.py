@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import numpy as np
-
 from engine.alloc.log import Claim, MemberLog
 from engine.errors import CtxkvError
 from engine.tenants.keys import digest_tag, tenant_prefix, tenant_tag
@@ -92,11 +90,8 @@ class Quotas:
             return None
         return Claim(claim.tag, True, claim.protected)
 
-    def _protected(self) -> np.ndarray:
-        return np.array(
-            [tag for tag, quota in self.quota_extents.items() if self.usage[tag] <= quota],
-            dtype=np.uint32,
-        )
+    def _protected(self) -> tuple[int, ...]:
+        return tuple(tag for tag, quota in self.quota_extents.items() if self.usage[tag] <= quota)
 
     def count_eviction(self, digest: bytes) -> None:
         tag = self.tag_of(digest)
