@@ -173,7 +173,7 @@ class MemberLog:
                             return taken
                     chunk, scan_slots = stop, min(2 * scan_slots, MAX_SCAN_SLOTS)
         raise StoreFullError(
-            f"member {self.member}: no slot this put may take is free, unpinned or written"
+            f"member {self.member}: every slot this put may take is pinned or being written"
         )
 
     def _take(
