@@ -5,7 +5,8 @@ crash model (tests/crash_model.py):
   overwrite / delete / pin / eviction / checkpoint, crashed at every flush point of each;
 - random histories: one seed picks the store (members, size, durability), the ops, the
   device errors, the crash point and the fate of every unflushed write; a third of them
-  crash again during recovery.
+  crash again during recovery, and about a third run two tenants' keys under quotas
+  (engine/tenants), so the promises are held with quota-driven evictions too.
 
 `make test` runs a quick slice; `make test-crash` the long one (CTXKV_CRASH_SEEDS=2000,
 CTXKV_CRASH_EXHAUSTIVE_LENGTH=3). A failure names its seed: CTXKV_CRASH_ONLY_SEED=N
@@ -31,6 +32,7 @@ from engine.errors import CtxkvError
 from engine.store.format import METADATA_START, MIN_JOURNAL_BYTES
 from engine.store.layout import BLOCK_BYTES, EXTENT_HEADER_BYTES
 from engine.store.store import RELAXED, STRICT, Store
+from engine.tenants.keys import tenant_prefix
 
 KIB, MIB = 1 << 10, 1 << 20
 EXTENT = 64 * KIB
@@ -98,6 +100,8 @@ class History:
 
     def __init__(self, store: Store, device: FaultInjectionTestDevice, model: Model):
         self.store, self.device, self.model = store, device, model
+        self.fill_prefix = b""  # what evict()'s fill keys start with: a tenant's prefix
+        self.quota_bytes: dict[str, int] = {}  # the tenants' quotas, if the history has them
 
     def put(self, key: bytes, value: bytes) -> None:
         was_present = key in self.store
@@ -147,7 +151,7 @@ class History:
         """Puts new values until the store evicts one (bounded by its slot count)."""
         evictions = self.store.stats()["evictions"]
         for _ in range(self.store.stats()["slots"] + 1):
-            self.put(f"fill-{next(fresh_keys)}".encode(), value_for(rng, 1))
+            self.put(self.fill_prefix + f"fill-{next(fresh_keys)}".encode(), value_for(rng, 1))
             if self.device.crashed or self.store.stats()["evictions"] > evictions:
                 return
 
@@ -183,6 +187,15 @@ def crash_and_recover(
         tally.failures.append(f"{label}: recovery failed: {error!r}")
         return tally
     with store:
+        if history.quota_bytes:
+            # Before the reads, which may quarantine torn extents and shrink the store.
+            # Usage is recounted from the recovered slots: no tenant is over its quota,
+            # unless a put failed with a device error after evicting (docs/guarantees.md).
+            quotas = store.enforce_quotas(history.quota_bytes)
+            for name in history.quota_bytes:
+                report = quotas.report(name)
+                if report["used_bytes"] > report["quota_bytes"] and not any(model.failed.values()):
+                    tally.failures.append(f"{label}: tenant {name} over its quota: {report}")
         tally.add(model.check(store, must, absent, pins, label))
         # A power loss tears only unflushed writes: a torn checkpoint slot is expected,
         # a damaged journal block (one durable once) never.
@@ -290,6 +303,15 @@ def random_history(seed: int, templates: dict, run_dir: Path) -> Tally:
     device.crash_at_io = device.ios + rng.randrange(8 * op_count)
     if fail_rate:
         device.fail_io = lambda *_: faults.random() < fail_rate
+    # Its own generator, so the other seeds' histories stay what they were.
+    tenancy = random.Random(seed ^ 0x7E4A47)
+    prefixes = [b""]
+    if tenancy.random() < 0.3:
+        slots = history.store.stats()["slots"]
+        history.quota_bytes = {"a": slots // 2 * EXTENT, "b": (slots + 1) // 2 * EXTENT}
+        history.store.enforce_quotas(history.quota_bytes)
+        prefixes = [tenant_prefix("a"), tenant_prefix("b")]
+        history.fill_prefix = prefixes[0]
     fresh = itertools.count()
     for _ in range(op_count):
         if device.crashed:
@@ -298,7 +320,7 @@ def random_history(seed: int, templates: dict, run_dir: Path) -> Tally:
             ["put", "delete", "pin", "unpin", "checkpoint", "sync", "get", "evict"],
             weights=[10, 2, 2, 1, 1, 2, 2, 1],
         )[0]
-        key = rng.choice(KEYS)
+        key = tenancy.choice(prefixes) + rng.choice(KEYS)
         if op == "put":
             history.put(key, value_for(rng, 3))
         elif op == "delete":

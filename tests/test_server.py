@@ -56,12 +56,18 @@ def serve(tmp_path):
     """Factory: serve(token=None) formats a file-backed store and serves it on a free port."""
     started: list[Served] = []
 
-    def start(token: bytes | None = None, metrics: bool = False) -> Served:
+    def start(
+        token: bytes | None = None, metrics: bool = False, arguments: tuple[str, ...] = (),
+        size_bytes: int = 1024 * MIB,
+    ) -> Served:  # fmt: skip
+        """arguments: more for ctxkv serve. size_bytes: the default's ~1000 extents mean
+        the 200 values of the tests here never wrap the log."""
         target = str(tmp_path / f"store-{len(started)}.img")
         with open(target, "wb") as file:
-            file.truncate(1024 * MIB)  # ~1000 extents: the 200 values never wrap the log
+            file.truncate(size_bytes)
         Store.format([target], extent_size=EXTENT, pool_buffers=8).close()
         command = [*CTXKV, "serve", target, "--listen", "127.0.0.1:0", "--pool-buffers", "8"]
+        command += arguments
         if token is not None:
             token_file = tmp_path / f"token-{len(started)}"
             token_file.write_bytes(token)

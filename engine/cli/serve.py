@@ -12,6 +12,7 @@ from engine.cli.store import add_io_path_argument
 from engine.client.client import parse_address
 from engine.server.server import Server
 from engine.store.store import RELAXED, STRICT, Store
+from engine.tenants.config import load_tenants
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -23,7 +24,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metrics", help="HOST:PORT to serve Prometheus /metrics on (e.g. 127.0.0.1:9420)"
     )
-    parser.add_argument("--token-file", help="clients must prove they know this file's token")
+    access = parser.add_mutually_exclusive_group()
+    access.add_argument("--token-file", help="clients must prove they know this file's token")
+    access.add_argument(
+        "--tenants", metavar="FILE",
+        help="a tenant table (.json or .toml: name, token or token_file, quota_bytes): each "
+        "client proves one tenant's token and sees only that tenant's keys",
+    )  # fmt: skip
     parser.add_argument("--durability", choices=[STRICT, RELAXED], default=STRICT)
     parser.add_argument("--max-connections", type=int, default=256)
     parser.add_argument(
@@ -57,6 +64,7 @@ def run(arguments: argparse.Namespace) -> int:
             token = file.read().strip()
         if not token:
             raise ValueError(f"{arguments.token_file} holds no token")
+    tenants = load_tenants(arguments.tenants) if arguments.tenants else []
     with Store.open(
         arguments.targets,
         durability=arguments.durability,
@@ -64,7 +72,10 @@ def run(arguments: argparse.Namespace) -> int:
         discard_freed=arguments.discard_freed,
         io_path=arguments.io_path,
     ) as store:
-        server = Server(store, host, port, token=token, max_connections=arguments.max_connections)
+        server = Server(
+            store, host, port, token=token, tenants=tenants,
+            max_connections=arguments.max_connections,
+        )  # fmt: skip
         metrics = parse_address(arguments.metrics) if arguments.metrics else None
         asyncio.run(_serve_until_signal(server, metrics))
     # Leaving the with block checkpointed the store: the next open replays nothing.

@@ -28,6 +28,7 @@ from engine._index import ffi, lib
 from engine.closing import Closeable
 from engine.errors import CtxkvError, native_error
 from engine.store.layout import MAX_KEY_BYTES  # the extent header's key field bounds keys
+from engine.tenants.keys import TENANT_KEY_MARK, tenant_digest
 
 DIGEST_BYTES = 16
 # The table never holds more keys than this fraction of its slots, so probes stay short.
@@ -64,9 +65,14 @@ class IndexCorruptError(CtxkvError):
 
 
 def key_digest(key: bytes) -> bytes:
-    """BLAKE2b-128 of key: the same in every process (no hash seed)."""
+    """BLAKE2b-128 of key: the same in every process (no hash seed). A tenant's key
+    (engine.tenants.keys) ends its digest with the tenant's tag instead."""
     if not 0 < len(key) <= MAX_KEY_BYTES:
         raise ValueError(f"a key is 1..{MAX_KEY_BYTES} bytes, got {len(key)}")
+    if key[0] == 0 and key.startswith(TENANT_KEY_MARK):  # key[0]: no slice made
+        digest = tenant_digest(key)
+        if digest is not None:
+            return digest
     return hashlib.blake2b(key, digest_size=DIGEST_BYTES).digest()
 
 

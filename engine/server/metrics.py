@@ -1,6 +1,7 @@
 """What `ctxkv serve` exposes on /metrics, in Prometheus' text format (version 0.0.4):
-request counts and latency histograms per operation, bytes moved, connections, and the
-store's own counters and occupancy."""
+request counts and latency histograms per operation, bytes moved, connections, the
+store's own counters and occupancy, and with a tenant table the same per tenant (label
+tenant=NAME): requests, value bytes, get hits and misses, evictions, used and quota bytes."""
 
 from __future__ import annotations
 
@@ -43,6 +44,17 @@ STORE_GAUGES = {
     ),
 }
 
+# Per-tenant series: a key of Quotas.report or Metrics.tenant_figures -> (metric, kind, help).
+TENANT_SERIES = {
+    "bytes_put": ("ctxkv_tenant_put_bytes_total", "counter", "Value bytes put."),
+    "bytes_got": ("ctxkv_tenant_got_bytes_total", "counter", "Value bytes returned."),
+    "hits": ("ctxkv_tenant_hits_total", "counter", "Gets that returned a value."),
+    "misses": ("ctxkv_tenant_misses_total", "counter", "Gets that found nothing."),
+    "evictions": ("ctxkv_tenant_evictions_total", "counter", "The tenant's values evicted."),
+    "used_bytes": ("ctxkv_tenant_used_bytes", "gauge", "Extent bytes the tenant's values take."),
+    "quota_bytes": ("ctxkv_tenant_quota_bytes", "gauge", "Extent bytes the tenant may take."),
+}
+
 
 class Histogram:
     def __init__(self) -> None:
@@ -68,10 +80,33 @@ class Metrics:
         self.connections_active = 0
         self.connections_refused = 0
         self.protocol_errors = 0
+        self.tenant_requests: Counter[tuple[str, str, str]] = Counter()  # (tenant, op, status)
+        self.tenant_bytes: Counter[tuple[str, str]] = Counter()  # (tenant, "put" or "got")
 
-    def observe(self, operation: str, status: str, seconds: float) -> None:
+    def observe(
+        self, operation: str, status: str, seconds: float, tenant: str | None = None
+    ) -> None:
         self.requests[(operation, status)] += 1
         self.latency.setdefault(operation, Histogram()).observe(seconds)
+        if tenant is not None:
+            self.tenant_requests[(tenant, operation, status)] += 1
+
+    def count_bytes(self, tenant: str | None, direction: str, nbytes: int) -> None:
+        if tenant is not None:
+            self.tenant_bytes[(tenant, direction)] += nbytes
+
+    def tenant_figures(self, tenant: str) -> dict[str, int]:
+        """A tenant's own traffic: requests, get hits and misses, value bytes."""
+        mine = {
+            (op, status): n for (t, op, status), n in self.tenant_requests.items() if t == tenant
+        }
+        return {
+            "requests": sum(mine.values()),
+            "hits": mine.get(("get", "ok"), 0),
+            "misses": mine.get(("get", "not_found"), 0),
+            "bytes_put": self.tenant_bytes[(tenant, "put")],
+            "bytes_got": self.tenant_bytes[(tenant, "got")],
+        }
 
     @contextlib.contextmanager
     def timed(self, operation: str) -> object:
@@ -85,7 +120,11 @@ class Metrics:
         finally:
             self.observe(operation, outcome["status"], time.monotonic() - started)
 
-    def render(self, store_stats: dict, pool_leased: int, pool_buffers: int) -> str:
+    def render(
+        self, store_stats: dict, pool_leased: int, pool_buffers: int,
+        tenants: dict[str, dict[str, int]] | None = None,
+    ) -> str:  # fmt: skip
+        """tenants: each tenant's quotas report (engine.tenants.quotas.Quotas.report)."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -124,7 +163,26 @@ class Metrics:
         for key, (name, help_text) in STORE_GAUGES.items():
             family(name, "gauge", help_text)
             lines.append(f"{name} {store_stats[key]}")
+        if tenants:
+            self._render_tenants(tenants, family, lines)
         return "\n".join(lines) + "\n"
+
+    def _render_tenants(
+        self, tenants: dict[str, dict[str, int]], family: Callable[[str, str, str], None],
+        lines: list[str],
+    ) -> None:  # fmt: skip
+        # Tenant names are letters, digits and _.- (engine.tenants.keys): no escaping.
+        family("ctxkv_tenant_requests_total", "counter", "Requests answered, per tenant.")
+        for (tenant, operation, status), count in sorted(self.tenant_requests.items()):
+            lines.append(
+                f'ctxkv_tenant_requests_total{{tenant="{tenant}",op="{operation}",'
+                f'status="{status}"}} {count}'
+            )
+        for key, (name, kind, help_text) in TENANT_SERIES.items():
+            family(name, kind, help_text)
+            for tenant in sorted(tenants):
+                figures = {**tenants[tenant], **self.tenant_figures(tenant)}
+                lines.append(f'{name}{{tenant="{tenant}"}} {figures[key]}')
 
 
 async def serve_metrics(

@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from engine.closing import Releasable
 from engine.server.metrics import Metrics, serve_metrics
@@ -41,6 +42,7 @@ from engine.server.protocol import (
     unpack_keys,
 )
 from engine.store.store import Store, ValueTooLargeError
+from engine.tenants.config import Tenant
 
 logger = logging.getLogger("ctxkv.server")
 HANDSHAKE_TIMEOUT_S = 10
@@ -53,6 +55,28 @@ FLAG_TOKEN_REQUIRED = 1
 
 class PeerClosed(Exception):
     """The client went away mid-frame."""
+
+
+class TenantKeyTooLong(ValueError):
+    """A key that fits the protocol but not under its tenant's prefix: TOO_LARGE."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """Who a connection proved to be: a tenant, whose keys are all namespaced under its
+    prefix, or nobody in particular (no tenant table: the whole store, as before)."""
+
+    tenant: str | None = None
+    prefix: bytes = b""
+
+    def key(self, key: bytes) -> bytes:
+        """The stored key of the client's key."""
+        if len(self.prefix) + len(key) > MAX_KEY_BYTES:
+            raise TenantKeyTooLong(
+                f"key of {len(key)} bytes: tenant {self.tenant!r}'s keys are at most "
+                f"{MAX_KEY_BYTES - len(self.prefix)} bytes"
+            )
+        return self.prefix + key
 
 
 class BufferCredits:
@@ -115,13 +139,22 @@ class Server:
         port: int = 7420,
         *,
         token: bytes | None = None,
+        tenants: Sequence[Tenant] = (),
         max_connections: int = 256,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         worker_threads: int = 8,
     ):
+        """tenants: each connection must prove one tenant's token and then sees only that
+        tenant's keys; their quotas are enforced on store (QuotaError if they do not fit)."""
+        if token and tenants:
+            raise ValueError("a server has one token or a tenant table, not both")
         self.store = store
         self.host, self.port = host, port
         self.token = token
+        self.tenants = list(tenants)
+        self.quotas = (
+            store.enforce_quotas({t.name: t.quota_bytes for t in tenants}) if tenants else None
+        )
         self.max_connections = max_connections
         self.max_value_bytes = max_value_bytes
         # The largest body a request may carry: a PUT of the largest value, or a batch of keys.
@@ -176,8 +209,9 @@ class Server:
         self._executor.shutdown(wait=True)
 
     def render_metrics(self) -> str:
+        usage = {t.name: self.quotas.report(t.name) for t in self.tenants} if self.quotas else {}
         return self.metrics.render(
-            self.store.stats(), self.store.pool_leased, self.store.pool_buffers
+            self.store.stats(), self.store.pool_leased, self.store.pool_buffers, usage
         )
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -202,8 +236,9 @@ class Server:
         metrics.connections_active += 1
         answering: set[asyncio.Task] = set()
         try:
-            if await asyncio.wait_for(self._handshake(connection), HANDSHAKE_TIMEOUT_S):
-                await self._serve_requests(connection, answering)
+            session = await asyncio.wait_for(self._handshake(connection), HANDSHAKE_TIMEOUT_S)
+            if session is not None:
+                await self._serve_requests(connection, session, answering)
         except (TimeoutError, PeerClosed, ConnectionError, asyncio.CancelledError):
             pass
         except ProtocolError as error:
@@ -224,7 +259,9 @@ class Server:
             metrics.connections_active -= 1
             connection.close()
 
-    async def _serve_requests(self, connection: socket.socket, answering: set) -> None:
+    async def _serve_requests(
+        self, connection: socket.socket, session: Session, answering: set
+    ) -> None:
         """Receives requests in order and answers up to PIPELINE_DEPTH at once. Responses
         leave in request order. A request that reads runs alongside the reads around it;
         one that writes runs after every request before it and before every one after it,
@@ -254,7 +291,7 @@ class Server:
             if not answering:
                 putting.clear()
             try:
-                request = await self._receive(connection, header, putting)
+                request = await self._receive(connection, header, session, putting)
             except BaseException:
                 slots.release()
                 raise
@@ -266,14 +303,16 @@ class Server:
                 after = [last_write_ran]
                 reads_since_write.append(ran)
             task = asyncio.create_task(
-                self._answer(connection, header, request, after, ran, previous_sent, sent, started)
+                self._answer(
+                    connection, header, session, request, after, ran, previous_sent, sent, started
+                )
             )
             previous_sent = sent
             answering.add(task)
             task.add_done_callback(finished)
 
     async def _answer(
-        self, connection: socket.socket, header: Header, request: Request,
+        self, connection: socket.socket, header: Header, session: Session, request: Request,
         after: list[asyncio.Future],
         ran: asyncio.Future, previous_sent: asyncio.Future, sent: asyncio.Future,
         started: float,
@@ -292,7 +331,9 @@ class Server:
             await previous_sent
             status = await reply.send()
             operation = Opcode(header.opcode).name.lower()
-            self.metrics.observe(operation, status.name.lower(), time.monotonic() - started)
+            self.metrics.observe(
+                operation, status.name.lower(), time.monotonic() - started, session.tenant
+            )
         finally:
             if not sent.done():
                 sent.set_result(None)
@@ -301,10 +342,11 @@ class Server:
             elif not running and request.abandon is not None:
                 await request.abandon()
 
-    async def _handshake(self, connection: socket.socket) -> bool:
+    async def _handshake(self, connection: socket.socket) -> Session | None:
+        """The session the client proved, or None when it was refused."""
         loop = asyncio.get_running_loop()
         nonce = os.urandom(NONCE_BYTES)
-        flags = FLAG_TOKEN_REQUIRED if self.token else 0
+        flags = FLAG_TOKEN_REQUIRED if self.token or self.tenants else 0
         await loop.sock_sendall(connection, HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, flags, nonce))
         magic, version, _flags, client_proof = HELLO.unpack(
             await self._recv(connection, HELLO.size)
@@ -316,12 +358,20 @@ class Server:
                 f"protocol version {version} unsupported, this server speaks {PROTOCOL_VERSION}"
             )
             await self._respond(connection, 0, Status.BAD_REQUEST, 0, message.encode())
-            return False
-        if self.token and not _equal(client_proof, proof(self.token, nonce)):
+            return None
+        session: Session | None = Session()
+        if self.tenants:
+            # Every tenant's proof is checked, so the time taken says nothing of which
+            # tenant (if any) the proof was close to.
+            proven = [t for t in self.tenants if _equal(client_proof, proof(t.token, nonce))]
+            session = Session(proven[0].name, proven[0].prefix) if proven else None
+        elif self.token and not _equal(client_proof, proof(self.token, nonce)):
+            session = None
+        if session is None:
             await self._respond(connection, 0, Status.UNAUTHORIZED, 0, b"wrong token")
-            return False
+            return None
         await self._respond(connection, 0, Status.OK, 0)
-        return True
+        return session
 
     def _reply(
         self, connection: socket.socket, header: Header, status: Status, body: bytes = b""
@@ -332,25 +382,47 @@ class Server:
 
         return Reply(send)
 
-    async def _receive(
-        self, connection: socket.socket, header: Header, putting: dict[bytes, int]
+    def _replying_at_once(
+        self, connection: socket.socket, header: Header, status: Status, message: str
     ) -> Request:
+        """A request refused before it runs; it still answers in its turn."""
+        reply = self._reply(connection, header, status, message.encode())
+
+        async def refuse() -> Reply:
+            return reply
+
+        return Request(False, refuse)
+
+    async def _receive(
+        self, connection: socket.socket, header: Header, session: Session,
+        putting: dict[bytes, int],
+    ) -> Request:  # fmt: skip
         """Reads the body of one request and takes the buffers it needs, in request order;
         returns whether it writes and how to run it."""
+        if header.opcode == Opcode.PUT:
+            return await self._receive_put(connection, header, session, putting)
+        body = await self._recv(connection, header.body_bytes)
+        try:
+            return await self._parse(connection, header, body, session, putting)
+        except TenantKeyTooLong as error:
+            return self._replying_at_once(connection, header, Status.TOO_LARGE, str(error))
+
+    async def _parse(
+        self, connection: socket.socket, header: Header, body: bytes, session: Session,
+        putting: dict[bytes, int],
+    ) -> Request:  # fmt: skip
+        """A request other than PUT, its body received."""
         loop = asyncio.get_running_loop()
         store, run = self.store, self._executor
 
         def replying(status: Status, body: bytes = b"") -> Reply:
             return self._reply(connection, header, status, body)
 
-        if header.opcode == Opcode.PUT:
-            return await self._receive_put(connection, header, putting)
-        body = await self._recv(connection, header.body_bytes)
         if header.opcode == Opcode.GET:
-            key = _whole_key(body)
-            return await self._prepare_get(connection, header, key, putting.get(key, 1))
+            key = session.key(_whole_key(body))
+            return await self._prepare_get(connection, header, session, key, putting.get(key, 1))
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
-            key = _whole_key(body)
+            key = session.key(_whole_key(body))
             deletes = header.opcode == Opcode.DELETE
 
             async def test_or_delete() -> Reply:
@@ -363,13 +435,27 @@ class Server:
 
             return Request(deletes, test_or_delete)
         elif header.opcode == Opcode.LONGEST_PREFIX:
-            keys = unpack_keys(body, DEFAULT_MAX_BATCH_KEYS)
+            keys = [session.key(key) for key in unpack_keys(body, DEFAULT_MAX_BATCH_KEYS)]
 
             async def longest_prefix() -> Reply:
                 count = await loop.run_in_executor(run, store.longest_prefix, keys)
                 return replying(Status.OK, COUNT.pack(count))
 
             return Request(False, longest_prefix)
+        elif header.opcode == Opcode.STATS and session.tenant is not None:
+            # A tenant hears of itself only: nothing of the others' keys or traffic.
+            tenant = session.tenant
+
+            async def tenant_stats() -> Reply:
+                stats = {
+                    "tenant": tenant,
+                    "extent_bytes": store.extent_bytes,
+                    **self.quotas.report(tenant),
+                    **self.metrics.tenant_figures(tenant),
+                }
+                return replying(Status.OK, json.dumps(stats).encode())
+
+            return Request(False, tenant_stats)
         elif header.opcode == Opcode.STATS:
 
             async def stats() -> Reply:
@@ -388,16 +474,21 @@ class Server:
             raise ProtocolError(f"unknown opcode {header.opcode}")
 
     async def _receive_put(
-        self, connection: socket.socket, header: Header, putting: dict[bytes, int]
-    ) -> Request:
+        self, connection: socket.socket, header: Header, session: Session,
+        putting: dict[bytes, int],
+    ) -> Request:  # fmt: skip
         """PUT: the key, then the value received straight into reserved pool buffers."""
         if header.body_bytes < KEY_LENGTH.size:
             raise ProtocolError("PUT body too short")
         (key_bytes,) = KEY_LENGTH.unpack(await self._recv(connection, KEY_LENGTH.size))
         if not 0 < key_bytes <= MAX_KEY_BYTES or KEY_LENGTH.size + key_bytes > header.body_bytes:
             raise ProtocolError(f"bad key length {key_bytes}")
-        key = bytes(await self._recv(connection, key_bytes))
         value_bytes = header.body_bytes - KEY_LENGTH.size - key_bytes
+        try:
+            key = session.key(bytes(await self._recv(connection, key_bytes)))
+        except TenantKeyTooLong as error:
+            await self._discard(connection, value_bytes)
+            return self._replying_at_once(connection, header, Status.TOO_LARGE, str(error))
         if value_bytes > self.max_value_bytes:
             raise ProtocolError(
                 f"value of {value_bytes} bytes exceeds the limit {self.max_value_bytes}"
@@ -406,12 +497,7 @@ class Server:
             parts = self.store.parts_for(value_bytes)
         except ValueTooLargeError as error:
             await self._discard(connection, value_bytes)
-            reply = self._reply(connection, header, Status.TOO_LARGE, str(error).encode())
-
-            async def refuse() -> Reply:
-                return reply
-
-            return Request(True, refuse)
+            return self._replying_at_once(connection, header, Status.TOO_LARGE, str(error))
         putting[key] = parts
         await self._credits.take(parts)
         try:
@@ -431,6 +517,7 @@ class Server:
                 await self._in_worker(self.store.commit, key, lease)
             finally:
                 await self._credits.give_back(parts)
+            self.metrics.count_bytes(session.tenant, "put", value_bytes)
             return self._reply(connection, header, Status.OK)
 
         async def abandon() -> None:
@@ -440,8 +527,9 @@ class Server:
         return Request(True, commit, abandon)
 
     async def _prepare_get(
-        self, connection: socket.socket, header: Header, key: bytes, least_parts: int
-    ) -> Request:
+        self, connection: socket.socket, header: Header, session: Session, key: bytes,
+        least_parts: int,
+    ) -> Request:  # fmt: skip
         """GET: the value sent straight from the pool buffers it was read into."""
         loop = asyncio.get_running_loop()
         # An absent key still goes through store.read, so the store counts the miss.
@@ -468,6 +556,7 @@ class Server:
                 for view in lease.views:
                     await loop.sock_sendall(connection, view)
                 self.metrics.bytes_sent += HEADER.size + lease.nbytes
+                self.metrics.count_bytes(session.tenant, "got", lease.nbytes)
                 return Status.OK
 
             async def release() -> None:

@@ -55,6 +55,7 @@ from engine.store.layout import (
 )
 from engine.store.recovery import Damage, read_superblocks
 from engine.store.state import MAX_VALUE_PARTS, Located, Part, StoreState
+from engine.tenants.quotas import Quotas
 
 # Extent reads checksum their payload in C as each lands, overlapping the other reads.
 READ_EXTENT = Op.READ | EXTENT_CRC
@@ -187,6 +188,7 @@ class Store(Closeable):
         self._lock = threading.Lock()  # state, allocation, sequence numbers
         self._closed = False
         self._member_cursor = 0
+        self._quotas: Quotas | None = None
         self._counters = dict.fromkeys(
             ("puts", "gets", "hits", "misses", "deletes", "corrupt_reads", "raced_reads",
              "read_errors", "failed_puts", "checkpoints", "bytes_put", "bytes_got",
@@ -680,7 +682,7 @@ class Store(Closeable):
                     self._next_sequence += 1
                     parts = []
                     for _ in leases:
-                        part, eviction = self._allocate()
+                        part, eviction = self._allocate(digest)
                         allocated.append(part)
                         if eviction is not None:
                             self._state.apply_evict(eviction)
@@ -744,10 +746,12 @@ class Store(Closeable):
             raise
         self._discard_freed()
 
-    def _allocate(self) -> tuple[Part, Eviction | None]:
+    def _allocate(self, digest: bytes) -> tuple[Part, Eviction | None]:
         """A slot on the next member in turn, or on the one after it when every slot of
         that one is pinned or being written."""
         assert self._lock.locked()
+        if self._quotas is not None:
+            return self._allocate_claimed(digest, self._quotas)
         for _ in range(len(self._devices)):
             member = self._member_cursor % len(self._devices)
             self._member_cursor += 1
@@ -759,6 +763,38 @@ class Store(Closeable):
         raise StoreFullError(
             f"every slot of all {len(self._devices)} members is pinned or being written"
         )
+
+    def _allocate_claimed(self, digest: bytes, quotas: Quotas) -> tuple[Part, Eviction | None]:
+        """_allocate under tenant quotas: only a slot the put's claim allows, on the next
+        member in turn that has one; failing that, the tenant's own oldest value."""
+        first = claim = quotas.claim(digest)
+        while claim is not None:
+            for _ in range(len(self._devices)):
+                member = self._member_cursor % len(self._devices)
+                self._member_cursor += 1
+                log = self._state.logs[member]
+                try:
+                    slot, eviction = log.allocate_claimed(self._state.keep_on_lap, claim, digest)
+                except StoreFullError:
+                    continue
+                if eviction is not None:
+                    quotas.count_eviction(eviction.digest)
+                return (member, slot), eviction
+            claim = quotas.fallback(claim)
+        raise StoreFullError(quotas.full_message(first))
+
+    def enforce_quotas(self, quota_bytes: dict[str, int]) -> Quotas:
+        """From now on each named tenant's values (engine.tenants.keys) take at most its
+        quota and no other tenant's put evicts them (engine.tenants.quotas). QuotaError
+        when the quotas add up to more than the store holds."""
+        with self._lock:
+            counts = self._state.counts()
+            quotas = Quotas(
+                quota_bytes, self.extent_bytes, counts["slots"] - counts["slots_quarantined"]
+            )
+            quotas.attach(self._state.logs)
+            self._quotas = quotas
+        return quotas
 
     def _evict_record(self, eviction: Eviction) -> Record:
         return Record(

@@ -1,0 +1,1 @@
+"""Tenants: namespaces of keys, each with a capacity quota (docs/protocol.md, Tenants)."""
