@@ -15,7 +15,7 @@ DEMO_TARGET := $(DEMO_DIR)/target.img
 
 .PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store clean
 
-setup: system-packages $(VENV)/.installed $(VENV)/.lmcache
+setup: system-packages $(VENV)/.installed $(VENV)/.lmcache $(VENV)/.nixl
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -38,6 +38,12 @@ $(VENV)/.lmcache: requirements/lmcache.txt $(VENV)/.installed
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps lmcache==0.5.6
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lmcache.txt
+	touch $@
+
+# NIXL (the extra ctxkv[nixl], requirements/nixl.txt) for `ctxkv serve --nixl`, its
+# client and tests/test_nixl.py; after LMCache's step, whose CPU torch it reuses.
+$(VENV)/.nixl: requirements/nixl.txt $(VENV)/.lmcache
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/nixl.txt
 	touch $@
 
 # The main job: `ctxkv demo` formats a store on a file, serves it, runs a KV workload
