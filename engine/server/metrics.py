@@ -85,7 +85,10 @@ class Metrics:
         finally:
             self.observe(operation, outcome["status"], time.monotonic() - started)
 
-    def render(self, store_stats: dict, pool_leased: int, pool_buffers: int) -> str:
+    def render(
+        self, store_stats: dict, pool_leased: int, pool_buffers: int, nixl: dict | None = None
+    ) -> str:
+        """nixl: the NIXL front end's stats() when the server runs with --nixl."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -118,6 +121,8 @@ class Metrics:
         ):  # fmt: skip
             family(name, kind, help_text)
             lines.append(f"{name} {value}")
+        if nixl is not None:
+            render_nixl(nixl, family, lines)
         for key, (name, help_text) in STORE_COUNTERS.items():
             family(name, "counter", help_text)
             lines.append(f"{name} {store_stats[key]}")
@@ -125,6 +130,26 @@ class Metrics:
             family(name, "gauge", help_text)
             lines.append(f"{name} {store_stats[key]}")
         return "\n".join(lines) + "\n"
+
+
+def render_nixl(nixl: dict, family: Callable[[str, str, str], None], lines: list[str]) -> None:
+    for name, help_text, value in (
+        ("ctxkv_nixl_leases_active", "NIXL leases live now.", nixl["leases_active"]),
+        ("ctxkv_nixl_lease_buffers", "Pool buffers lent to NIXL clients now.",
+         nixl["lease_buffers"]),
+        ("ctxkv_nixl_lease_buffers_max", "Pool buffers NIXL leases may hold at once.",
+         nixl["max_lease_buffers"]),
+        ("ctxkv_nixl_lease_timeout_seconds", "A lease expires this long after its grant.",
+         nixl["lease_timeout_s"]),
+    ):  # fmt: skip
+        family(name, "gauge", help_text)
+        lines.append(f"{name} {value}")
+    family("ctxkv_nixl_leases_granted_total", "counter", "NIXL leases granted, by kind.")
+    for kind, count in sorted(nixl["leases_granted"].items()):
+        lines.append(f'ctxkv_nixl_leases_granted_total{{kind="{kind}"}} {count}')
+    family("ctxkv_nixl_leases_ended_total", "counter", "NIXL leases ended, by outcome.")
+    for outcome, count in sorted(nixl["leases_ended"].items()):
+        lines.append(f'ctxkv_nixl_leases_ended_total{{outcome="{outcome}"}} {count}')
 
 
 async def serve_metrics(

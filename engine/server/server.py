@@ -16,10 +16,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from engine.server.credits import BufferCredits
+from engine.server.leases import DEFAULT_LEASE_TIMEOUT_S
 from engine.server.metrics import Metrics, serve_metrics
+from engine.server.nixl import NixlFrontEnd
 from engine.server.protocol import (
     COUNT,
     DEFAULT_MAX_BATCH_KEYS,
@@ -29,6 +32,7 @@ from engine.server.protocol import (
     HELLO_MAGIC,
     KEY_LENGTH,
     MAX_KEY_BYTES,
+    NIXL_OPCODES,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     Header,
@@ -50,29 +54,6 @@ class PeerClosed(Exception):
     """The client went away mid-frame."""
 
 
-class BufferCredits:
-    """Pool buffers promised to the requests in flight. A request waits here, in the event
-    loop, until its buffers are free; it never waits on the pool inside a worker thread,
-    where enough such waits would take every worker and leave none to run the commits
-    that free buffers."""
-
-    def __init__(self, total: int):
-        self.available = total
-        self._condition = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, count: int) -> AsyncIterator[None]:
-        async with self._condition:
-            await self._condition.wait_for(lambda: self.available >= count)
-            self.available -= count
-        try:
-            yield
-        finally:
-            async with self._condition:
-                self.available += count
-                self._condition.notify_all()
-
-
 class Server:
     def __init__(
         self,
@@ -84,6 +65,9 @@ class Server:
         max_connections: int = 256,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         worker_threads: int = 8,
+        nixl: bool = False,
+        nixl_lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S,
+        nixl_lease_buffers: int | None = None,
     ):
         self.store = store
         self.host, self.port = host, port
@@ -101,6 +85,13 @@ class Server:
         self._busy: set[asyncio.Task] = set()  # connections in the middle of a request
         self._listener: socket.socket | None = None
         self.metrics = Metrics()
+        # The NIXL data path (engine/server/nixl.py): its agent registers the pool at start.
+        self.nixl = nixl
+        self._nixl_options = {
+            "lease_timeout_s": nixl_lease_timeout_s,
+            "max_lease_buffers": nixl_lease_buffers,
+        }
+        self._nixl: NixlFrontEnd | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -119,6 +110,12 @@ class Server:
             exporter = asyncio.create_task(
                 serve_metrics(*metrics_address, self.render_metrics, stop, metrics_ready)
             )
+        if self.nixl:
+            self._nixl = NixlFrontEnd(
+                self.store, self._executor, self._credits, max_value_bytes=self.max_value_bytes,
+                **self._nixl_options,
+            )  # fmt: skip
+            logger.info("NIXL agent %s holds the pool's memory", self._nixl.agent.name)
         listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=128)
         listener.setblocking(False)
         self._listener = listener
@@ -144,10 +141,13 @@ class Server:
         if exporter is not None:
             await exporter
         self._executor.shutdown(wait=True)
+        if self._nixl is not None:
+            self._nixl.close()  # every lease's buffers back in the pool before it closes
 
     def render_metrics(self) -> str:
+        nixl = None if self._nixl is None else self._nixl.stats()
         return self.metrics.render(
-            self.store.stats(), self.store.pool_leased, self.store.pool_buffers
+            self.store.stats(), self.store.pool_leased, self.store.pool_buffers, nixl
         )
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -193,6 +193,8 @@ class Server:
             logger.exception("connection failed")
         finally:
             self._busy.discard(task)
+            if self._nixl is not None:
+                self._nixl.leases.drop_owner(connection)
             metrics.connections_active -= 1
             connection.close()
 
@@ -233,6 +235,12 @@ class Server:
         body = await self._recv(connection, header.body_bytes)
         if header.opcode == Opcode.GET:
             return await self._get(connection, header, body)
+        elif header.opcode in NIXL_OPCODES:
+            if self._nixl is None:
+                raise ProtocolError(
+                    f"opcode {header.opcode} is NIXL's, and this server was started without --nixl"
+                )
+            return await reply(*await self._nixl.handle(header.opcode, body, connection))
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
             key = _whole_key(body)
             call = store.delete if header.opcode == Opcode.DELETE else store.__contains__
@@ -253,6 +261,8 @@ class Server:
                 "protocol_errors": self.metrics.protocol_errors,
                 "refused": self.metrics.connections_refused,
             }
+            if self._nixl is not None:
+                server["nixl"] = self._nixl.stats()
             return await reply(Status.OK, json.dumps({**stats, "server": server}).encode())
         else:
             raise ProtocolError(f"unknown opcode {header.opcode}")
