@@ -13,7 +13,7 @@ APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvm
 DEMO_DIR ?= /var/tmp/ctxkv-demo
 DEMO_TARGET := $(DEMO_DIR)/target.img
 
-.PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store clean
+.PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store bench-nixl clean
 
 setup: system-packages $(VENV)/.installed $(VENV)/.lmcache $(VENV)/.nixl
 
@@ -93,6 +93,12 @@ bench-raw: setup
 bench-store: setup
 	$(BIN)/python bench/store_vs_fio.py
 	$(BIN)/python bench/index_bench.py
+
+# NIXL get through ctxkv (serve --nixl) against a bare NIXL READ of the same buffers by
+# the same agents, interleaved rounds: the READ phase alone and end to end (device read
+# included), with TCP for context. Writes bench/results/nixl.txt. ~1 minute.
+bench-nixl: setup
+	$(BIN)/python bench/nixl_get.py
 
 # A KV-cache workload (bench/kvsim) on ctxkv in-process and served, LMCache's local disk
 # backend, its lm:// server and LMCache with the ctxkv plugin, against fio on the same

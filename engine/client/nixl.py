@@ -92,20 +92,25 @@ class NixlClient(Client):
         return self._granted(body, started)
 
     def read(self, lease: Lease, destination: np.ndarray, *, verify: bool = True) -> None:
-        """READs a get lease's value into destination (registered memory), then checks
-        each part against the crc32c the server read it with."""
-        regions = self._local_regions(destination, lease)
-        self._transfer("READ", lease, regions)
+        """READs a get lease's value into destination (registered memory), then (verify)
+        checks it."""
+        self._transfer("READ", lease, self._local_regions(destination, lease))
         if verify:
-            for index, ((address, nbytes), part) in enumerate(
-                zip(regions, lease.grant.parts, strict=True)
-            ):
-                crc = lib.ctxkv_crc32c(0, ffi.cast("char *", address), nbytes)
-                if crc != part.crc32c:
-                    raise TransferError(
-                        f"part {index} of lease {lease.lease_id} arrived damaged: crc32c "
-                        f"{crc:#010x}, the store has {part.crc32c:#010x}"
-                    )
+            self.verify(lease, destination)
+
+    def verify(self, lease: Lease, destination: np.ndarray) -> None:
+        """Checks each part READ into destination against the crc32c the server read it
+        with; TransferError names the first part that differs."""
+        regions = self._local_regions(destination, lease)
+        for index, ((address, nbytes), part) in enumerate(
+            zip(regions, lease.grant.parts, strict=True)
+        ):
+            crc = lib.ctxkv_crc32c(0, ffi.cast("char *", address), nbytes)
+            if crc != part.crc32c:
+                raise TransferError(
+                    f"part {index} of lease {lease.lease_id} arrived damaged: crc32c "
+                    f"{crc:#010x}, the store has {part.crc32c:#010x}"
+                )
 
     def release(self, lease: Lease) -> None:
         """Gives a get lease's buffers back (or abandons a put lease)."""
