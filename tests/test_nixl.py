@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from engine.server.protocol import (
 )
 from engine.store.store import Store
 from tests.nixl_worker import digest, value
+from tests.test_server import Served
 
 MIB = 1 << 20
 EXTENT = 1 * MIB
@@ -70,7 +70,7 @@ class Worker:
         assert self.process.returncode == 0, self.process.stderr.read()[-3000:]
 
 
-class NixlServer:
+class NixlServer(Served):
     def __init__(self, tmp_path: Path):
         target = str(tmp_path / "store.img")
         with open(target, "wb") as file:
@@ -86,7 +86,7 @@ class NixlServer:
         if "listening on" not in line:
             self.process.kill()
             pytest.fail(f"ctxkv serve --nixl did not start: {line!r} {self.process.stderr.read()}")
-        self.address = line.rsplit(" ", 1)[1].strip()
+        super().__init__(target, self.process, line.rsplit(" ", 1)[1].strip())
         self.metrics_url = self.process.stdout.readline().rsplit(" ", 1)[1].strip()
 
     def metrics(self) -> dict[str, float]:
@@ -98,16 +98,6 @@ class NixlServer:
                 name, number = line.rsplit(" ", 1)
                 samples[name] = float(number)
         return samples
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import numpy as np
 from engine._native import ffi, lib
 from engine.client.client import DEFAULT_TIMEOUT_S, Client
 from engine.errors import LeaseError
+from engine.io.buffers import PAGE_BYTES, aligned_array
 from engine.nixl.agent import NixlAgent, Region, TransferError
 from engine.server.protocol import (
     U64,
@@ -29,7 +30,6 @@ from engine.server.protocol import (
 )
 
 DEFAULT_ARENA_BYTES = 64 << 20
-PAGE_BYTES = 4096
 # A transfer may not start with less than this share of its lease left: the client's
 # clock started before the request, the server's after the read, so the client ends
 # first, and this margin keeps one-sided bytes from landing after the server took the
@@ -64,12 +64,14 @@ class NixlClient(Client):
         self, address: str, *, token: str | bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT_S, arena_bytes: int = DEFAULT_ARENA_BYTES,
     ):  # fmt: skip
+        if arena_bytes <= 0 or arena_bytes % PAGE_BYTES:
+            raise ValueError(
+                f"arena_bytes must be a positive multiple of {PAGE_BYTES}, got {arena_bytes}"
+            )
         super().__init__(address, token=token, timeout=timeout)
         try:
             self._agent = NixlAgent("client", progress_thread=False)
-            raw = np.zeros(arena_bytes + PAGE_BYTES, dtype=np.uint8)
-            start = (-raw.ctypes.data) % PAGE_BYTES
-            self.arena = raw[start : start + arena_bytes]
+            self.arena = aligned_array(arena_bytes)
             self._agent.register((self.arena.ctypes.data, arena_bytes))
             _header, metadata = self._request(Opcode.NIXL_CONNECT, b"")
             self._peer = self._agent.add_peer(metadata)
