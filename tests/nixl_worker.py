@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -48,6 +49,14 @@ def serve(client: NixlClient, command: dict) -> object:
         return (
             None if nbytes is None else {"nbytes": nbytes, "sha256": digest(destination[:nbytes])}
         )
+    if op == "late_read":  # a READ started only after the client's share of the lease
+        lease = client.lease_get(key)
+        time.sleep(command["seconds"])
+        try:
+            client.read(lease, client.arena[: lease.value_bytes])
+        finally:
+            client.release(lease)
+        return "read"
     if op == "stats":
         return client.stats()["server"]["nixl"]
     raise ValueError(f"unknown op {op!r}")

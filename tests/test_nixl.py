@@ -279,6 +279,16 @@ def test_too_large_for_a_lease_is_refused_and_the_connection_goes_on(tcp):
     assert tcp.get(b"after") == b"fine"
 
 
+def test_the_client_starts_no_transfer_late_in_its_lease(worker, tcp):
+    """NixlClient counts a lease as over at three quarters of its timeout, before the
+    server takes the buffers back: a READ it would start later is refused, not run."""
+    tcp.put(b"late", value(5, EXTENT))
+    answer = worker.call("late_read", key="late", seconds=LEASE_TIMEOUT_S * 0.8)
+    assert answer["error"] == "LeaseError"
+    assert "too close to expiry to start a transfer" in answer["message"]
+    assert worker.call("get", key="late")["result"]["sha256"] == digest(value(5, EXTENT))
+
+
 def test_metrics_name_the_nixl_leases(server, worker, tcp):
     samples = server.metrics()
     for name in ("ctxkv_nixl_leases_active", "ctxkv_nixl_lease_buffers",
