@@ -190,6 +190,9 @@ def describe(result: dict) -> str:
         f"ratio (a') READ phase / warm A':  {result['ratio_read_to_warm_bare']:.3f}",
         f"ratio (b) end to end / bare:      {result['ratio_end_to_end_to_bare']:.3f}",
         f"ratio     TCP end to end / bare:  {result['ratio_tcp_to_bare']:.3f}",
+        "A and B.a each READ a source the device has just filled (B its lease's read, A the",
+        "same pool buffer refilled by C's read); A' reads A's source again at once (warm).",
+        "B.b includes the extent's read from the file on every get: nothing is cached.",
         "per-round MB/s: "
         + "; ".join(
             f"{name} " + " ".join(f"{b / 1e6:.0f}" for b in bandwidths)
