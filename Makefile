@@ -13,9 +13,9 @@ APT_PACKAGES := gcc make pkg-config python3-venv python3-dev liburing-dev libnvm
 DEMO_DIR ?= /var/tmp/ctxkv-demo
 DEMO_TARGET := $(DEMO_DIR)/target.img
 
-.PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store clean
+.PHONY: setup system-packages demo test test-nvme test-crash lint bench-raw bench-store bench-nixl clean
 
-setup: system-packages $(VENV)/.installed $(VENV)/.lmcache
+setup: system-packages $(VENV)/.installed $(VENV)/.lmcache $(VENV)/.nixl
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -38,6 +38,12 @@ $(VENV)/.lmcache: requirements/lmcache.txt $(VENV)/.installed
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps lmcache==0.5.6
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lmcache.txt
+	touch $@
+
+# NIXL (the extra ctxkv[nixl], requirements/nixl.txt) for `ctxkv serve --nixl`, its
+# client and tests/test_nixl.py; after LMCache's step, whose CPU torch it reuses.
+$(VENV)/.nixl: requirements/nixl.txt $(VENV)/.lmcache
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/nixl.txt
 	touch $@
 
 # The main job: `ctxkv demo` formats a store on a file, serves it, runs a KV workload
@@ -87,6 +93,12 @@ bench-raw: setup
 bench-store: setup
 	$(BIN)/python bench/store_vs_fio.py
 	$(BIN)/python bench/index_bench.py
+
+# NIXL get through ctxkv (serve --nixl) against a bare NIXL READ of the same buffers by
+# the same agents, interleaved rounds: the READ phase alone and end to end (device read
+# included), with TCP for context. Writes bench/results/nixl.txt. ~1 minute.
+bench-nixl: setup
+	$(BIN)/python bench/nixl_get.py
 
 # A KV-cache workload (bench/kvsim) on ctxkv in-process and served, LMCache's local disk
 # backend, its lm:// server and LMCache with the ctxkv plugin, against fio on the same

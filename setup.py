@@ -1,4 +1,14 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# NIXL's data path (`ctxkv serve --nixl`, engine/client/nixl.py); the Makefile installs
+# the same file. NIXL pulls torch: install torch's CPU build first where there is no GPU.
+NIXL_REQUIREMENTS = [
+    line
+    for line in (Path(__file__).parent / "requirements" / "nixl.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
 
 setup(
     name="ctxkv",
@@ -21,6 +31,7 @@ setup(
             "ruff>=0.6",
             "prometheus_client>=0.17",
         ],
+        "nixl": NIXL_REQUIREMENTS,
     },
     entry_points={"console_scripts": ["ctxkv = engine.cli.main:main"]},
 )

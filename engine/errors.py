@@ -74,3 +74,9 @@ def native_error(result: int, what: str) -> OSError:
     assert result < 0, result
     error_number = -result
     return OSError(error_number, f"{what}: {os.strerror(error_number)}")
+
+
+class LeaseError(CtxkvError, LookupError):
+    """A NIXL lease id that is not live (docs/protocol.md, "NIXL"): never granted,
+    already ended (released, committed, expired, dropped), another connection's, or of
+    the wrong kind for the call. The message says which."""

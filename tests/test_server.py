@@ -300,6 +300,15 @@ def test_unknown_opcode_is_a_bad_request(serve):
     connection.close()
 
 
+def test_nixl_opcodes_without_nixl_are_refused_by_name(serve):
+    served = serve()
+    with Client(served.address) as client:
+        client._socket.sendall(Header(Opcode.NIXL_CONNECT, 0, 1, 0).pack())
+        response, body = client._read_response()
+    assert response.status == 2  # BAD_REQUEST, and the connection is closed
+    assert body == b"opcode 16 is NIXL's, and this server was started without --nixl"
+
+
 def test_demo_formats_serves_runs_and_stops_cleanly(tmp_path):
     completed = subprocess.run(
         [*CTXKV, "demo", "--dir", str(tmp_path), "--size", "128M", "--chunks", "6"],

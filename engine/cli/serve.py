@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import sys
 
 from engine.cli.store import add_io_path_argument
 from engine.client.client import parse_address
+from engine.server.leases import DEFAULT_LEASE_TIMEOUT_S
 from engine.server.server import Server
 from engine.store.store import RELAXED, STRICT, Store
 from engine.tenants.config import load_tenants
@@ -46,6 +49,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="extent buffers in the pool: bounds memory and the largest value (default ~256 MiB)",
     )
+    parser.add_argument(
+        "--nixl", action="store_true",
+        help="also serve values over NIXL: the pool is registered with a NIXL agent (UCX) "
+        "and clients READ/WRITE it under leases (needs ctxkv[nixl])",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nixl-lease-timeout", type=float, default=DEFAULT_LEASE_TIMEOUT_S, metavar="SECONDS",
+        help=f"a NIXL lease not released or committed by then is taken back "
+        f"(default {DEFAULT_LEASE_TIMEOUT_S:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nixl-lease-buffers", type=int, default=None,
+        help="pool buffers NIXL leases may hold at once (default half the pool)",
+    )  # fmt: skip
     add_io_path_argument(parser)
     parser.set_defaults(run=run)
 
@@ -75,11 +92,20 @@ def run(arguments: argparse.Namespace) -> int:
         server = Server(
             store, host, port, token=token, tenants=tenants,
             max_connections=arguments.max_connections,
+            nixl=arguments.nixl, nixl_lease_timeout_s=arguments.nixl_lease_timeout,
+            nixl_lease_buffers=arguments.nixl_lease_buffers,
         )  # fmt: skip
         metrics = parse_address(arguments.metrics) if arguments.metrics else None
         asyncio.run(_serve_until_signal(server, metrics))
     # Leaving the with block checkpointed the store: the next open replays nothing.
     logging.getLogger("ctxkv.server").info("stopped cleanly")
+    if arguments.nixl:
+        # NIXL's libraries can crash the interpreter's own exit after their teardown;
+        # everything is closed and flushed by now, so leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -122,9 +122,10 @@ class Metrics:
 
     def render(
         self, store_stats: dict, pool_leased: int, pool_buffers: int,
-        tenants: dict[str, dict[str, int]] | None = None,
+        tenants: dict[str, dict[str, int]] | None = None, nixl: dict | None = None,
     ) -> str:  # fmt: skip
-        """tenants: each tenant's quotas report (engine.tenants.quotas.Quotas.report)."""
+        """tenants: each tenant's quotas report (engine.tenants.quotas.Quotas.report);
+        nixl: the NIXL front end's stats() when the server runs with --nixl."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -157,6 +158,8 @@ class Metrics:
         ):  # fmt: skip
             family(name, kind, help_text)
             lines.append(f"{name} {value}")
+        if nixl is not None:
+            render_nixl(nixl, family, lines)
         for key, (name, help_text) in STORE_COUNTERS.items():
             family(name, "counter", help_text)
             lines.append(f"{name} {store_stats[key]}")
@@ -183,6 +186,26 @@ class Metrics:
             for tenant in sorted(tenants):
                 figures = {**tenants[tenant], **self.tenant_figures(tenant)}
                 lines.append(f'{name}{{tenant="{tenant}"}} {figures[key]}')
+
+
+def render_nixl(nixl: dict, family: Callable[[str, str, str], None], lines: list[str]) -> None:
+    for name, help_text, value in (
+        ("ctxkv_nixl_leases_active", "NIXL leases live now.", nixl["leases_active"]),
+        ("ctxkv_nixl_lease_buffers", "Pool buffers lent to NIXL clients now.",
+         nixl["lease_buffers"]),
+        ("ctxkv_nixl_lease_buffers_max", "Pool buffers NIXL leases may hold at once.",
+         nixl["max_lease_buffers"]),
+        ("ctxkv_nixl_lease_timeout_seconds", "A lease expires this long after its grant.",
+         nixl["lease_timeout_s"]),
+    ):  # fmt: skip
+        family(name, "gauge", help_text)
+        lines.append(f"{name} {value}")
+    family("ctxkv_nixl_leases_granted_total", "counter", "NIXL leases granted, by kind.")
+    for kind, count in sorted(nixl["leases_granted"].items()):
+        lines.append(f'ctxkv_nixl_leases_granted_total{{kind="{kind}"}} {count}')
+    family("ctxkv_nixl_leases_ended_total", "counter", "NIXL leases ended, by outcome.")
+    for outcome, count in sorted(nixl["leases_ended"].items()):
+        lines.append(f'ctxkv_nixl_leases_ended_total{{outcome="{outcome}"}} {count}')
 
 
 async def serve_metrics(

@@ -21,7 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine.closing import Releasable
+from engine.server.credits import BufferCredits
+from engine.server.leases import DEFAULT_LEASE_TIMEOUT_S
 from engine.server.metrics import Metrics, serve_metrics
+from engine.server.nixl import NixlFrontEnd
 from engine.server.protocol import (
     COUNT,
     DEFAULT_MAX_BATCH_KEYS,
@@ -31,6 +34,7 @@ from engine.server.protocol import (
     HELLO_MAGIC,
     KEY_LENGTH,
     MAX_KEY_BYTES,
+    NIXL_OPCODES,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     Header,
@@ -79,28 +83,6 @@ class Session:
         return self.prefix + key
 
 
-class BufferCredits:
-    """Pool buffers promised to the requests in flight. A request waits here, in the event
-    loop, until its buffers are free; it never waits on the pool inside a worker thread,
-    where enough such waits would take every worker and leave none to run the commits
-    that free buffers. A connection takes credits in request order, so a request never
-    holds buffers while waiting for an earlier one that waits for buffers."""
-
-    def __init__(self, total: int):
-        self.available = total
-        self._condition = asyncio.Condition()
-
-    async def take(self, count: int) -> None:
-        async with self._condition:
-            await self._condition.wait_for(lambda: self.available >= count)
-            self.available -= count
-
-    async def give_back(self, count: int) -> None:
-        async with self._condition:
-            self.available += count
-            self._condition.notify_all()
-
-
 class Reply:
     """A request that has run: how to send its response, and what to free afterwards
     (or instead, when the connection dies first)."""
@@ -124,11 +106,12 @@ class Request:
 
     def __init__(
         self, writes: bool, run: Callable[[], Awaitable[Reply]],
-        abandon: Callable[[], Awaitable[None]] | None = None,
+        abandon: Callable[[], Awaitable[None]] | None = None, *, exclusive: bool = False,
     ):  # fmt: skip
         self.writes = writes
         self.run = run
         self.abandon = abandon
+        self.exclusive = exclusive  # the next request is received once this one has run
 
 
 class Server:
@@ -143,6 +126,9 @@ class Server:
         max_connections: int = 256,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         worker_threads: int = 8,
+        nixl: bool = False,
+        nixl_lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S,
+        nixl_lease_buffers: int | None = None,
     ):
         """tenants: each connection must prove one tenant's token and then sees only that
         tenant's keys; their quotas are enforced on store (QuotaError if they do not fit)."""
@@ -167,6 +153,13 @@ class Server:
         self._connections: set[asyncio.Task] = set()
         self._listener: socket.socket | None = None
         self.metrics = Metrics()
+        # The NIXL data path (engine/server/nixl.py): its agent registers the pool at start.
+        self.nixl = nixl
+        self._nixl_options = {
+            "lease_timeout_s": nixl_lease_timeout_s,
+            "max_lease_buffers": nixl_lease_buffers,
+        }
+        self._nixl: NixlFrontEnd | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -185,6 +178,12 @@ class Server:
             exporter = asyncio.create_task(
                 serve_metrics(*metrics_address, self.render_metrics, stop, metrics_ready)
             )
+        if self.nixl:
+            self._nixl = NixlFrontEnd(
+                self.store, self._executor, self._credits, max_value_bytes=self.max_value_bytes,
+                **self._nixl_options,
+            )  # fmt: skip
+            logger.info("NIXL agent %s holds the pool's memory", self._nixl.agent.name)
         listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=128)
         listener.setblocking(False)
         self._listener = listener
@@ -207,11 +206,14 @@ class Server:
         if exporter is not None:
             await exporter
         self._executor.shutdown(wait=True)
+        if self._nixl is not None:
+            self._nixl.close()  # every lease's buffers back in the pool before it closes
 
     def render_metrics(self) -> str:
         usage = {t.name: self.quotas.report(t.name) for t in self.tenants} if self.quotas else {}
+        nixl = None if self._nixl is None else self._nixl.stats()
         return self.metrics.render(
-            self.store.stats(), self.store.pool_leased, self.store.pool_buffers, usage
+            self.store.stats(), self.store.pool_leased, self.store.pool_buffers, usage, nixl
         )
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -256,6 +258,8 @@ class Server:
                     await asyncio.wait(answering, timeout=SHUTDOWN_DRAIN_S)
                 for task in answering:
                     task.cancel()
+            if self._nixl is not None:
+                self._nixl.leases.drop_owner(connection)
             metrics.connections_active -= 1
             connection.close()
 
@@ -310,6 +314,8 @@ class Server:
             previous_sent = sent
             answering.add(task)
             task.add_done_callback(finished)
+            if request.exclusive:
+                await asyncio.wait([ran])
 
     async def _answer(
         self, connection: socket.socket, header: Header, session: Session, request: Request,
@@ -421,6 +427,26 @@ class Server:
         if header.opcode == Opcode.GET:
             key = session.key(_whole_key(body))
             return await self._prepare_get(connection, header, session, key, putting.get(key, 1))
+        elif header.opcode in NIXL_OPCODES:
+            if self._nixl is None:
+                raise ProtocolError(
+                    f"opcode {header.opcode} is NIXL's, and this server was started without --nixl"
+                )
+            nixl = self._nixl
+
+            async def nixl_request() -> Reply:
+                try:
+                    return replying(
+                        *await nixl.handle(header.opcode, body, connection, session.key)
+                    )
+                except TenantKeyTooLong as error:
+                    return replying(Status.TOO_LARGE, str(error).encode())
+
+            # A lease or commit runs after everything before it, like a write (a commit is
+            # one; a get lease must see the connection's earlier puts), and takes its
+            # buffers when it runs: so nothing after it is received before it has run,
+            # or a later request could hold the buffers it waits for.
+            return Request(True, nixl_request, exclusive=True)
         elif header.opcode in (Opcode.DELETE, Opcode.CONTAINS):
             key = session.key(_whole_key(body))
             deletes = header.opcode == Opcode.DELETE
@@ -467,6 +493,8 @@ class Server:
                     "refused": self.metrics.connections_refused,
                     "pool_leased": store.pool_leased,
                 }
+                if self._nixl is not None:
+                    server["nixl"] = self._nixl.stats()
                 return replying(Status.OK, json.dumps({**stats, "server": server}).encode())
 
             return Request(False, stats)
@@ -499,7 +527,7 @@ class Server:
             await self._discard(connection, value_bytes)
             return self._replying_at_once(connection, header, Status.TOO_LARGE, str(error))
         putting[key] = parts
-        await self._credits.take(parts)
+        await self._credits.acquire(parts)
         try:
             lease = await self._in_worker(self.store.reserve, value_bytes)
             try:
@@ -509,20 +537,20 @@ class Server:
                 lease.release()
                 raise
         except BaseException:
-            await self._credits.give_back(parts)
+            self._credits.release(parts)
             raise
 
         async def commit() -> Reply:
             try:
                 await self._in_worker(self.store.commit, key, lease)
             finally:
-                await self._credits.give_back(parts)
+                self._credits.release(parts)
             self.metrics.count_bytes(session.tenant, "put", value_bytes)
             return self._reply(connection, header, Status.OK)
 
         async def abandon() -> None:
             lease.release()
-            await self._credits.give_back(parts)
+            self._credits.release(parts)
 
         return Request(True, commit, abandon)
 
@@ -535,10 +563,10 @@ class Server:
         # An absent key still goes through store.read, so the store counts the miss.
         # (Never more than the pool: a value that big fails in store.read, clearly.)
         parts = min(max(self.store.parts_of(key) or 1, least_parts), self.store.pool_buffers)
-        await self._credits.take(parts)
+        await self._credits.acquire(parts)
 
         async def give_back() -> None:
-            await self._credits.give_back(parts)
+            self._credits.release(parts)
 
         async def read() -> Reply:
             try:

@@ -127,6 +127,27 @@ class ValueLease(Releasable):
         ]
 
     @property
+    def regions(self) -> list[tuple[int, int]]:
+        """(address, nbytes) of each part's payload in the pool, for a NIXL peer to read
+        or write in place."""
+        if not self._leases:
+            raise CtxkvError("the value lease was released; its buffers belong to others")
+        return [
+            (lease.address + EXTENT_HEADER_BYTES, nbytes)
+            for lease, nbytes in zip(self._leases, self.part_bytes, strict=True)
+        ]
+
+    def payload_crcs(self) -> list[int]:
+        """Each part's payload crc32c as its extent header records it: for a lease from
+        read(), whose headers were verified against the payloads."""
+        return [
+            ExtentHeader.unpack(
+                lease.memoryview[:EXTENT_HEADER_BYTES], "extent header"
+            ).payload_crc32c
+            for lease in self._leases
+        ]
+
+    @property
     def memoryview(self) -> memoryview:
         """The whole value as one view; only for values of one extent (see views)."""
         if len(self._leases) != 1:
@@ -610,11 +631,12 @@ class Store(Closeable):
         ]
         return ValueLease(leases, part_bytes)
 
-    def commit(self, key: bytes, lease: ValueLease) -> None:
-        """Stores the bytes written into a lease from reserve() under key; releases it."""
+    def commit(self, key: bytes, lease: ValueLease, payload_crcs: list[int] | None = None) -> None:
+        """Stores the bytes written into a lease from reserve() under key; releases it.
+        payload_crcs: each part's crc32c, when the caller has computed them already."""
         try:
             self._check_key(key)
-            self._commit_staged([(key, lease._leases, lease.nbytes, None)])
+            self._commit_staged([(key, lease._leases, lease.nbytes, payload_crcs)])
         finally:
             lease.release()
 
@@ -622,6 +644,10 @@ class Store(Closeable):
     def pool_leased(self) -> int:
         """Pool buffers lent out now (to puts, reads and callers' leases)."""
         return self._pool.leased
+
+    def pool_regions(self) -> list[tuple[int, int]]:
+        """The pool's memory, to register once with a NIXL/RDMA agent (BufferPool.regions)."""
+        return self._pool.regions()
 
     @property
     def pool_buffers(self) -> int:
