@@ -9,7 +9,10 @@ from cffi import FFI
 
 NATIVE_DIR = Path(__file__).resolve().parent
 # Relative to the repository root, where setup.py runs: setuptools refuses absolute paths.
-SOURCES = ["native/ring.c", "native/arena.c", "native/crc32c.c", "native/nvme_cmd.c"]
+SOURCES = [
+    "native/ring.c", "native/checksummer.c", "native/arena.c", "native/crc32c.c",
+    "native/nvme_cmd.c",
+]  # fmt: skip
 
 ffibuilder = FFI()
 ffibuilder.cdef((NATIVE_DIR / "ctxkv.h").read_text())

@@ -13,6 +13,7 @@
 #include <liburing.h>
 
 #include "ctxkv.h"
+#include "checksummer.h"
 #include "nvme_cmd.h"
 
 #define CTXKV_MAX_FILES 256
@@ -27,6 +28,9 @@ struct ctxkv_ring {
     uint32_t passthru_nsid[CTXKV_MAX_FILES];
     uint8_t passthru_lba_shift[CTXKV_MAX_FILES];
     uint8_t passthru_fixed_buffers[CTXKV_MAX_FILES];
+    /* Started by the first extent read; NULL until then, or if it could not start. */
+    struct ctxkv_checksummer *checksummer;
+    int checksummer_failed;
 };
 
 /* user_data: the I/O's index in the low bits; for passthrough chunks, the chunk's length
@@ -97,6 +101,7 @@ void ctxkv_ring_free(struct ctxkv_ring *ring)
     if (ring->nbuffers)
         io_uring_unregister_buffers(&ring->uring);
     io_uring_queue_exit(&ring->uring);
+    ctxkv_checksummer_stop(ring->checksummer);
     free(ring);
 }
 
@@ -241,34 +246,15 @@ static void prep_chunk(const struct ctxkv_ring *ring, struct io_uring_sqe *sqe,
     io_uring_sqe_set_data64(sqe, index);
 }
 
-/* The CRC32C of the payload of the extent just read into io's buffer. A payload_bytes
- * field that claims more than was read (a damaged header) is clamped: the header's own
- * checksum fails then anyway, and the clamp keeps us inside the buffer. */
-static uint32_t extent_payload_crc(const struct ctxkv_io *io)
-{
-    const unsigned char *extent = (const unsigned char *)(uintptr_t)io->addr;
-    uint32_t payload_bytes;
-    memcpy(&payload_bytes, extent + CTXKV_EXTENT_PAYLOAD_BYTES_OFFSET, sizeof(payload_bytes));
-    uint32_t room = io->nbytes - CTXKV_EXTENT_HEADER_BYTES;
-    if (payload_bytes > room)
-        payload_bytes = room;
-    return ctxkv_crc32c(0, extent + CTXKV_EXTENT_HEADER_BYTES, payload_bytes);
-}
-
 #define WAIT_SLICE_NS (100 * 1000 * 1000)
-
-/* chunks_pending of an I/O whose bytes are in but whose payload CRC is not yet computed:
- * no I/O has that many chunks. */
-#define CRC_PENDING UINT32_MAX
 
 struct run_state {
     uint64_t next;             /* first I/O not yet fully queued */
     uint32_t next_offset;      /* bytes of ios[next] already queued */
-    uint64_t completed;        /* I/Os finished, CRC included */
+    uint64_t completed;        /* I/Os whose bytes are in (a checksum may still run) */
     uint32_t ops_in_flight;    /* logical I/Os started whose bytes are not all in */
     uint32_t chunks_in_flight; /* never above the CQ size, so no overflow */
-    uint64_t crc_backlog;      /* I/Os in with their CRC still to compute */
-    uint64_t crc_cursor;       /* no I/O before it waits for its CRC */
+    int checksums_queued;      /* the checksummer must be drained before returning */
     int stopping;
 };
 
@@ -335,8 +321,21 @@ static void queue_ios(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint6
     }
 }
 
-/* Takes every completion posted; an extent read whose bytes are all in joins the CRC
- * backlog instead of being checksummed here, so its slot is refilled first. */
+/* Hands an extent read whose bytes are all in to the ring's checksum thread, or, when
+ * there is none or its queue is full, checksums it here. */
+static void checksum(struct ctxkv_ring *ring, const struct ctxkv_io *io,
+                     struct ctxkv_io_result *r, struct ctxkv_progress *progress,
+                     struct run_state *st)
+{
+    if (!ring->checksummer && !ring->checksummer_failed)
+        ring->checksummer_failed = ctxkv_checksummer_start(&ring->checksummer) != 0;
+    if (ring->checksummer && ctxkv_checksummer_queue(ring->checksummer, io, r, progress) == 0)
+        st->checksums_queued = 1;
+    else
+        ctxkv_extent_checksum(io, r, progress);
+}
+
+/* Takes every completion posted. */
 static void reap(struct ctxkv_ring *ring, const struct ctxkv_io *ios,
                  struct ctxkv_io_result *results, struct ctxkv_progress *progress,
                  struct run_state *st)
@@ -365,32 +364,14 @@ static void reap(struct ctxkv_ring *ring, const struct ctxkv_io *ios,
             r->complete_ns = ctxkv_monotonic_ns();
             st->ops_in_flight--;
             if ((io->opcode & CTXKV_OP_FLAG_EXTENT_CRC) && r->result == io->nbytes) {
-                r->chunks_pending = CRC_PENDING;
-                st->crc_backlog++;
+                st->completed++;
+                checksum(ring, io, r, progress, st);
             } else {
                 finish(r, progress, st);
             }
         }
     }
     io_uring_cq_advance(&ring->uring, reaped);
-}
-
-/* Checksums the oldest I/O in the CRC backlog. */
-static void checksum_one(const struct ctxkv_io *ios, struct ctxkv_io_result *results,
-                         struct ctxkv_progress *progress, struct run_state *st)
-{
-    assert(st->crc_backlog > 0);
-    while (results[st->crc_cursor].chunks_pending == 0)
-        st->crc_cursor++;
-    uint64_t index = st->crc_cursor;
-    while (results[index].chunks_pending != CRC_PENDING)
-        index++; /* bounded: the backlog is non-empty and lies before next */
-    assert(index < st->next);
-    struct ctxkv_io_result *r = &results[index];
-    r->payload_crc32c = extent_payload_crc(&ios[index]);
-    r->chunks_pending = 0;
-    st->crc_backlog--;
-    finish(r, progress, st);
 }
 
 int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
@@ -401,20 +382,9 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
         return -EINVAL;
     struct run_state st = {0};
 
+    int64_t outcome = 0;
     for (;;) {
         queue_ios(ring, ios, n, depth, deadline_ns, results, progress, &st);
-        if (st.crc_backlog > 0) {
-            /* The device gets the freed slots' I/Os before this thread spends ~0.4 ms per
-             * 4 MiB checksumming: checksumming a burst of completions first left the
-             * device idle and cost reads a quarter of their bandwidth. */
-            int submitted = io_uring_submit(&ring->uring);
-            if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY &&
-                submitted != -EINTR)
-                return submitted;
-            checksum_one(ios, results, progress, &st);
-            reap(ring, ios, results, progress, &st);
-            continue;
-        }
         if (st.chunks_in_flight == 0 && (st.next >= n || st.stopping))
             break;
 
@@ -430,9 +400,14 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
                                                          &wait_slice, NULL);
         } while (submitted == -EINTR);
         if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY &&
-            submitted != -ETIME)
-            return submitted; /* the ring itself is broken; results say nothing */
+            submitted != -ETIME) {
+            outcome = submitted; /* the ring itself is broken; results say nothing */
+            break;
+        }
         reap(ring, ios, results, progress, &st);
     }
-    return (int64_t)st.completed;
+    /* The checksum thread writes into results: done before the caller may read them. */
+    if (st.checksums_queued)
+        ctxkv_checksummer_drain(ring->checksummer);
+    return outcome < 0 ? outcome : (int64_t)st.completed;
 }
