@@ -117,6 +117,7 @@ def run_store(
             sys_cpu_ns=sum(o[5] for o in outcomes),
             extra={
                 "values": count,
+                "values_per_call": BATCH_PER_DEPTH * job.iodepth,
                 "durability": durability,
                 "journal_commits": stats["journal_commits"],
                 "pool_backing": stats["pool_backing"],
