@@ -3,7 +3,6 @@
  * larger than its file's max transfer, submits in batches with one io_uring_enter per
  * round and reaps every completion that is ready. Python pays one call per batch. */
 #define _GNU_SOURCE
-#include <assert.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 
 class BufferCredits:
     """Pool buffers promised to the requests and NIXL leases in flight. A request waits
     here, in the event loop, until its buffers are free; it never waits on the pool
     inside a worker thread, where enough such waits would take every worker and leave
-    none to run the commits that free buffers. release() is synchronous so that a lease
-    expiring in a timer callback can give its credits back."""
+    none to run the commits that free buffers. A connection takes credits in request
+    order, so a request never holds buffers while an earlier one waits for them. release()
+    is synchronous so that a lease expiring in a timer callback can give its credits back."""
 
     def __init__(self, total: int):
         self.available = total
@@ -36,11 +35,3 @@ class BufferCredits:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, count: int) -> AsyncIterator[None]:
-        await self.acquire(count)
-        try:
-            yield
-        finally:
-            self.release(count)
