@@ -558,10 +558,10 @@ class Store(Closeable):
                     writing = self._put_worker().submit(self._commit_and_release, staged, leases)
                 current = following
         finally:
+            # Only a failure leaves a commit running (the last half commits inline): wait
+            # for it, so put_many never returns while a commit of ours still runs.
             if writing is not None:
-                futures_wait([writing])  # never return while a commit of ours still runs
-        if writing is not None:
-            writing.result()
+                futures_wait([writing])
 
     def _put_chunks(
         self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
