@@ -172,6 +172,14 @@ def test_normal_output_prints_both_and_the_ratio(target_file):
     assert re.search(r"ctxkv/fio \(medians\): bandwidth \d+\.\d+", completed.stdout)
 
 
+def test_reading_a_sparse_file_warns_that_it_measures_no_device(target_file):
+    target = target_file(size_bytes=16 * MIB)
+    read_job = ("bench", "--rw", "read", "--bs", "1M", "--size", "8M", target)
+    assert "never-written regions" in ctxkv(*read_job).stderr
+    ctxkv("bench", "--rw", "write", "--bs", "1M", target)  # the whole file, once
+    assert "never-written" not in ctxkv(*read_job).stderr
+
+
 def test_io_uring_enter_does_the_data_io(target_file):
     target = target_file(size_bytes=32 * MIB)
     trace = os.path.join(os.path.dirname(target), "strace.out")

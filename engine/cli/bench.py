@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from engine.bench.compare import run_compare
@@ -83,6 +84,24 @@ def terminal_progress(label: str) -> ProgressCallback | None:
     return show
 
 
+def unwritten_regions(job: Job) -> list[str]:
+    """Why reading these files would not measure a device: the ones with a never-written
+    (sparse) region where the job may read, which the filesystem answers with zeros
+    from memory."""
+    found = []
+    for target in job.targets:
+        if not os.path.isfile(target):
+            continue
+        end = os.path.getsize(target)
+        if job.size_bytes is not None:
+            end = min(end, job.size_bytes // len(job.targets) * job.numjobs)
+        with open(target, "rb") as file:
+            hole = os.lseek(file.fileno(), 0, os.SEEK_HOLE)
+        if hole < end:
+            found.append(f"{target} has never-written regions from byte {hole}")
+    return found
+
+
 def run(arguments: argparse.Namespace) -> int:
     job = Job(
         targets=tuple(arguments.targets),
@@ -96,6 +115,13 @@ def run(arguments: argparse.Namespace) -> int:
         io_path=arguments.io_path,
     )
     normal = arguments.output_format == "normal"
+    if job.is_read and (arguments.mode == "raw" or arguments.compare_fio):
+        for problem in unwritten_regions(job):
+            print(
+                f"warning: {problem}: reads there measure no device; write it first "
+                f"(a write job of the same size)",
+                file=sys.stderr,
+            )
     progress = terminal_progress(f"ctxkv {job.rw}")
 
     def clear_progress() -> None:
