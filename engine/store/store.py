@@ -111,10 +111,13 @@ class ValueTooLargeError(CtxkvError, ValueError):
 class ValueLease(Releasable):
     """A value read into pool buffers, lent without a copy until release()."""
 
-    def __init__(self, leases: list[Lease], part_bytes: list[int]):
+    def __init__(
+        self, leases: list[Lease], part_bytes: list[int], payload_crcs: list[int] | None = None
+    ):
         self._leases = leases
         self.part_bytes = part_bytes
         self.nbytes = sum(part_bytes)
+        self._payload_crcs = payload_crcs
 
     @property
     def views(self) -> list[memoryview]:
@@ -138,14 +141,11 @@ class ValueLease(Releasable):
         ]
 
     def payload_crcs(self) -> list[int]:
-        """Each part's payload crc32c as its extent header records it: for a lease from
-        read(), whose headers were verified against the payloads."""
-        return [
-            ExtentHeader.unpack(
-                lease.memoryview[:EXTENT_HEADER_BYTES], "extent header"
-            ).payload_crc32c
-            for lease in self._leases
-        ]
+        """Each part's payload crc32c, as the read computed and its extent header records
+        it: only for a lease from read()."""
+        if self._payload_crcs is None:
+            raise CtxkvError("only a value read from the store carries its payloads' crc32c")
+        return self._payload_crcs
 
     @property
     def memoryview(self) -> memoryview:
@@ -1053,7 +1053,7 @@ class Store(Closeable):
         key, digest, located = plan
         part_bytes, problem = self._inspect(digest, located, leases, crcs, failures, key)
         if problem is None:
-            return ValueLease(leases, part_bytes)
+            return ValueLease(leases, part_bytes, crcs)
         part, _reason = problem
         if part is None:
             # Parts of two different puts of this key: a read raced an overwrite.
