@@ -88,16 +88,15 @@ class Reply:
     (or instead, when the connection dies first)."""
 
     def __init__(
-        self, send: Callable[[], Awaitable[Status]],
-        release: Callable[[], Awaitable[None]] | None = None,
-    ):  # fmt: skip
+        self, send: Callable[[], Awaitable[Status]], release: Callable[[], None] | None = None
+    ):
         self.send = send
         self._release = release
 
-    async def release(self) -> None:
+    def release(self) -> None:
         release, self._release = self._release, None
         if release is not None:
-            await release()
+            release()
 
 
 class Request:
@@ -106,7 +105,7 @@ class Request:
 
     def __init__(
         self, writes: bool, run: Callable[[], Awaitable[Reply]],
-        abandon: Callable[[], Awaitable[None]] | None = None, *, exclusive: bool = False,
+        abandon: Callable[[], None] | None = None, *, exclusive: bool = False,
     ):  # fmt: skip
         self.writes = writes
         self.run = run
@@ -344,9 +343,9 @@ class Server:
             if not sent.done():
                 sent.set_result(None)
             if reply is not None:
-                await reply.release()
+                reply.release()
             elif not running and request.abandon is not None:
-                await request.abandon()
+                request.abandon()
 
     async def _handshake(self, connection: socket.socket) -> Session | None:
         """The session the client proved, or None when it was refused."""
@@ -548,7 +547,7 @@ class Server:
             self.metrics.count_bytes(session.tenant, "put", value_bytes)
             return self._reply(connection, header, Status.OK)
 
-        async def abandon() -> None:
+        def abandon() -> None:
             lease.release()
             self._credits.release(parts)
 
@@ -565,17 +564,17 @@ class Server:
         parts = min(max(self.store.parts_of(key) or 1, least_parts), self.store.pool_buffers)
         await self._credits.acquire(parts)
 
-        async def give_back() -> None:
+        def give_back() -> None:
             self._credits.release(parts)
 
         async def read() -> Reply:
             try:
                 lease = await self._in_worker(self.store.read, key)
             except BaseException:
-                await give_back()
+                give_back()
                 raise
             if lease is None:
-                await give_back()
+                give_back()
                 return self._reply(connection, header, Status.NOT_FOUND)
 
             async def send() -> Status:
@@ -587,9 +586,9 @@ class Server:
                 self.metrics.count_bytes(session.tenant, "got", lease.nbytes)
                 return Status.OK
 
-            async def release() -> None:
+            def release() -> None:
                 lease.release()
-                await give_back()
+                give_back()
 
             return Reply(send, release)
 
