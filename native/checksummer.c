@@ -47,6 +47,8 @@ void ctxkv_extent_checksum(const struct ctxkv_io *io, struct ctxkv_io_result *r,
         if (r->result > 0)
             __atomic_fetch_add(&progress->bytes_done, (uint64_t)r->result, __ATOMIC_RELAXED);
     }
+    /* Last: the ring's thread takes chunks_pending 0 as "finished, results final". */
+    __atomic_store_n(&r->chunks_pending, 0, __ATOMIC_RELEASE);
 }
 
 static void *run(void *argument)

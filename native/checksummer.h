@@ -9,8 +9,8 @@
 
 struct ctxkv_checksummer;
 
-/* Computes r->payload_crc32c from the extent in io's buffer, then counts the I/O done
- * in progress (if any). */
+/* Computes r->payload_crc32c from the extent in io's buffer, counts the I/O done in
+ * progress (if any), then sets r->chunks_pending to 0: the I/O has finished. */
 void ctxkv_extent_checksum(const struct ctxkv_io *io, struct ctxkv_io_result *r,
                            struct ctxkv_progress *progress);
 

@@ -74,7 +74,8 @@ struct ctxkv_io {
     uint8_t opcode;      /* enum ctxkv_opcode */
 };
 
-/* The outcome of one logical I/O. 32 bytes; filled by ctxkv_ring_run. */
+/* The outcome of one logical I/O. 32 bytes; filled by ctxkv_ring_run. chunks_pending
+ * is 0 once the I/O has finished, its extent checksum included. */
 struct ctxkv_io_result {
     int64_t result;        /* bytes moved (may be short), or the first chunk's -errno */
     uint64_t submit_ns;    /* CLOCK_MONOTONIC when its first chunk was queued */
@@ -136,5 +137,24 @@ int ctxkv_ring_set_passthru(struct ctxkv_ring *ring, uint32_t file_index, uint32
 int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
                        uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
                        struct ctxkv_progress *progress);
+
+/* A run whose ios are handed over as the caller fills them in, and whose results the
+ * caller takes as they finish: a stream of reads keeps depth I/Os in flight while the
+ * caller works on values already read, with no pause between batches. ctxkv_ring_run is
+ * start, one advance over everything, finish. While a run is open no other run may use
+ * the ring. ios and results (capacity entries each) must outlive the run. */
+struct ctxkv_run;
+
+int ctxkv_run_start(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t capacity,
+                    uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
+                    struct ctxkv_progress *progress, struct ctxkv_run **run);
+/* ios[0..ready) are filled in (ready never shrinks); queues them as depth allows and
+ * returns once ios[0..wanted) have all finished, extent checksums included, or the run
+ * has stopped (deadline, cancel). Returns how many leading ios have finished, or -errno
+ * if the ring itself failed. wanted <= ready <= capacity. */
+int64_t ctxkv_run_advance(struct ctxkv_run *run, uint64_t ready, uint64_t wanted);
+/* Queues nothing more, waits for what is in flight and frees the run. Returns the
+ * number of ios that ran (a prefix of ios), or -errno if the ring itself failed. */
+int64_t ctxkv_run_finish(struct ctxkv_run *run);
 
 uint64_t ctxkv_monotonic_ns(void);

@@ -247,42 +247,73 @@ static void prep_chunk(const struct ctxkv_ring *ring, struct io_uring_sqe *sqe,
 
 #define WAIT_SLICE_NS (100 * 1000 * 1000)
 
-struct run_state {
+struct ctxkv_run {
+    struct ctxkv_ring *ring;
+    const struct ctxkv_io *ios;
+    struct ctxkv_io_result *results;
+    struct ctxkv_progress *progress;
+    uint64_t capacity;
+    uint64_t ready;            /* ios[0..ready) are filled in and may be queued */
+    uint64_t deadline_ns;
+    uint32_t depth;
     uint64_t next;             /* first I/O not yet fully queued */
     uint32_t next_offset;      /* bytes of ios[next] already queued */
     uint64_t completed;        /* I/Os whose bytes are in (a checksum may still run) */
+    uint64_t finished;         /* ios[0..finished) have finished, checksums included */
     uint32_t ops_in_flight;    /* logical I/Os started whose bytes are not all in */
     uint32_t chunks_in_flight; /* never above the CQ size, so no overflow */
     int checksums_queued;      /* the checksummer must be drained before returning */
     int stopping;
+    int64_t failure;           /* the ring's -errno once it broke; the run is over then */
 };
 
-static void finish(struct ctxkv_io_result *r, struct ctxkv_progress *progress,
-                   struct run_state *st)
+static void run_init(struct ctxkv_run *run, struct ctxkv_ring *ring,
+                     const struct ctxkv_io *ios, uint64_t capacity, uint32_t depth,
+                     uint64_t deadline_ns, struct ctxkv_io_result *results,
+                     struct ctxkv_progress *progress)
 {
-    st->completed++;
-    if (progress) {
-        __atomic_fetch_add(&progress->ops_done, 1, __ATOMIC_RELAXED);
+    memset(run, 0, sizeof(*run));
+    run->ring = ring;
+    run->ios = ios;
+    run->results = results;
+    run->progress = progress;
+    run->capacity = capacity;
+    run->deadline_ns = deadline_ns;
+    run->depth = depth;
+}
+
+static void finish(struct ctxkv_io_result *r, struct ctxkv_run *run)
+{
+    run->completed++;
+    __atomic_store_n(&r->chunks_pending, 0, __ATOMIC_RELEASE);
+    if (run->progress) {
+        __atomic_fetch_add(&run->progress->ops_done, 1, __ATOMIC_RELAXED);
         if (r->result > 0)
-            __atomic_fetch_add(&progress->bytes_done, (uint64_t)r->result, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&run->progress->bytes_done, (uint64_t)r->result,
+                               __ATOMIC_RELAXED);
     }
 }
 
-/* Queues SQEs until depth I/Os are in flight, the CQ could overflow or the SQ is full. */
-static void queue_ios(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
-                      uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
-                      struct ctxkv_progress *progress, struct run_state *st)
+/* An extent read counts one more pending step than it has chunks: its checksum. */
+static uint32_t checksum_steps(const struct ctxkv_io *io)
 {
+    return (io->opcode & CTXKV_OP_FLAG_EXTENT_CRC) ? 1 : 0;
+}
+
+/* Queues SQEs until depth I/Os are in flight, the CQ could overflow or the SQ is full. */
+static void queue_ios(struct ctxkv_run *run)
+{
+    struct ctxkv_ring *ring = run->ring;
     const uint32_t cq_capacity = ring->uring.cq.ring_entries;
-    while (st->next < n && !st->stopping) {
-        const struct ctxkv_io *io = &ios[st->next];
-        struct ctxkv_io_result *r = &results[st->next];
-        if (st->next_offset == 0) {
-            if (st->ops_in_flight >= depth)
+    while (run->next < run->ready && !run->stopping) {
+        const struct ctxkv_io *io = &run->ios[run->next];
+        struct ctxkv_io_result *r = &run->results[run->next];
+        if (run->next_offset == 0) {
+            if (run->ops_in_flight >= run->depth)
                 break;
-            if ((progress && __atomic_load_n(&progress->cancel, __ATOMIC_RELAXED)) ||
-                (deadline_ns && ctxkv_monotonic_ns() >= deadline_ns)) {
-                st->stopping = 1;
+            if ((run->progress && __atomic_load_n(&run->progress->cancel, __ATOMIC_RELAXED)) ||
+                (run->deadline_ns && ctxkv_monotonic_ns() >= run->deadline_ns)) {
+                run->stopping = 1;
                 break;
             }
             r->submit_ns = ctxkv_monotonic_ns();
@@ -292,61 +323,60 @@ static void queue_ios(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint6
                 /* ios complete in order only as a prefix; an invalid one in the
                  * middle completes at once rather than stalling the prefix. */
                 r->result = -EINVAL;
-                r->chunks_pending = 0;
-                st->next++;
-                st->completed++;
+                run->next++;
+                finish(r, run);
                 continue;
             }
             r->result = 0;
-            r->chunks_pending = chunk_count(ring, io);
-            st->ops_in_flight++;
+            r->chunks_pending = chunk_count(ring, io) + checksum_steps(io);
+            run->ops_in_flight++;
         }
-        if (st->chunks_in_flight >= cq_capacity)
+        if (run->chunks_in_flight >= cq_capacity)
             break;
         struct io_uring_sqe *sqe = io_uring_get_sqe(&ring->uring);
         if (!sqe)
             break; /* SQ full: submit what we have, come back after reaping */
         int fsync = (io->opcode & CTXKV_OP_MASK) == CTXKV_OP_FSYNC;
-        uint32_t remaining = fsync ? 0 : io->nbytes - st->next_offset;
+        uint32_t remaining = fsync ? 0 : io->nbytes - run->next_offset;
         uint32_t chunk = ring->chunk_bytes[io->file_index];
         uint32_t chunk_len = remaining < chunk ? remaining : chunk;
-        prep_chunk(ring, sqe, io, st->next, st->next_offset, chunk_len);
-        st->chunks_in_flight++;
-        st->next_offset += chunk_len;
-        if (st->next_offset >= io->nbytes || fsync) {
-            st->next++;
-            st->next_offset = 0;
+        prep_chunk(ring, sqe, io, run->next, run->next_offset, chunk_len);
+        run->chunks_in_flight++;
+        run->next_offset += chunk_len;
+        if (run->next_offset >= io->nbytes || fsync) {
+            run->next++;
+            run->next_offset = 0;
         }
     }
 }
 
 /* Hands an extent read whose bytes are all in to the ring's checksum thread, or, when
  * there is none or its queue is full, checksums it here. */
-static void checksum(struct ctxkv_ring *ring, const struct ctxkv_io *io,
-                     struct ctxkv_io_result *r, struct ctxkv_progress *progress,
-                     struct run_state *st)
+static void checksum(struct ctxkv_run *run, const struct ctxkv_io *io, struct ctxkv_io_result *r)
 {
+    struct ctxkv_ring *ring = run->ring;
+    run->completed++;
     if (!ring->checksummer && !ring->checksummer_failed)
         ring->checksummer_failed = ctxkv_checksummer_start(&ring->checksummer) != 0;
-    if (ring->checksummer && ctxkv_checksummer_queue(ring->checksummer, io, r, progress) == 0)
-        st->checksums_queued = 1;
+    if (ring->checksummer &&
+        ctxkv_checksummer_queue(ring->checksummer, io, r, run->progress) == 0)
+        run->checksums_queued = 1;
     else
-        ctxkv_extent_checksum(io, r, progress);
+        ctxkv_extent_checksum(io, r, run->progress);
 }
 
 /* Takes every completion posted. */
-static void reap(struct ctxkv_ring *ring, const struct ctxkv_io *ios,
-                 struct ctxkv_io_result *results, struct ctxkv_progress *progress,
-                 struct run_state *st)
+static void reap(struct ctxkv_run *run)
 {
+    struct ctxkv_ring *ring = run->ring;
     struct io_uring_cqe *cqe;
     unsigned head;
     unsigned reaped = 0;
     io_uring_for_each_cqe(&ring->uring, head, cqe)
     {
         uint64_t index = cqe->user_data & USER_DATA_INDEX_MASK;
-        struct ctxkv_io_result *r = &results[index];
-        const struct ctxkv_io *io = &ios[index];
+        struct ctxkv_io_result *r = &run->results[index];
+        const struct ctxkv_io *io = &run->ios[index];
         int64_t res = cqe->res;
         if (ring->passthru_nsid[io->file_index])
             res = ctxkv_nvme_cmd_result(
@@ -358,19 +388,120 @@ static void reap(struct ctxkv_ring *ring, const struct ctxkv_io *ios,
             r->result += res; /* a short chunk leaves result below nbytes */
         }
         reaped++;
-        st->chunks_in_flight--;
-        if (--r->chunks_pending == 0) {
+        run->chunks_in_flight--;
+        uint32_t steps = checksum_steps(io);
+        if (--r->chunks_pending == steps) {
             r->complete_ns = ctxkv_monotonic_ns();
-            st->ops_in_flight--;
-            if ((io->opcode & CTXKV_OP_FLAG_EXTENT_CRC) && r->result == io->nbytes) {
-                st->completed++;
-                checksum(ring, io, r, progress, st);
-            } else {
-                finish(r, progress, st);
-            }
+            run->ops_in_flight--;
+            if (steps && r->result == io->nbytes)
+                checksum(run, io, r);
+            else
+                finish(r, run);
         }
     }
     io_uring_cq_advance(&ring->uring, reaped);
+}
+
+/* Submits what is queued and waits for at least one completion, then reaps. */
+static int wait_and_reap(struct ctxkv_run *run)
+{
+    /* Waits in slices rather than forever: a completion the kernel leaves as pending
+     * task work on a ring without DEFER_TASKRUN is only posted once this task enters
+     * the kernel again; a test run here once sat in io_cqring_wait for good with two
+     * reads consumed and no completion posted. Each slice that ends re-enters. */
+    struct __kernel_timespec wait_slice = {.tv_sec = 0, .tv_nsec = WAIT_SLICE_NS};
+    struct io_uring_cqe *first_cqe;
+    int submitted;
+    do {
+        submitted = io_uring_submit_and_wait_timeout(&run->ring->uring, &first_cqe, 1,
+                                                     &wait_slice, NULL);
+    } while (submitted == -EINTR);
+    if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY && submitted != -ETIME) {
+        run->failure = submitted; /* the ring itself is broken; results say nothing */
+        return submitted;
+    }
+    reap(run);
+    return 0;
+}
+
+/* The checksum thread writes into results: drained before the caller reads them. */
+static void drain_checksums(struct ctxkv_run *run)
+{
+    if (run->checksums_queued) {
+        ctxkv_checksummer_drain(run->ring->checksummer);
+        run->checksums_queued = 0;
+    }
+}
+
+static void count_finished(struct ctxkv_run *run)
+{
+    while (run->finished < run->next &&
+           __atomic_load_n(&run->results[run->finished].chunks_pending, __ATOMIC_ACQUIRE) == 0)
+        run->finished++;
+}
+
+static int64_t run_advance(struct ctxkv_run *run, uint64_t ready, uint64_t wanted)
+{
+    if (ready < run->ready || ready > run->capacity || wanted > ready)
+        return -EINVAL;
+    if (run->failure)
+        return run->failure;
+    run->ready = ready;
+    for (;;) {
+        queue_ios(run);
+        count_finished(run);
+        if (run->finished >= wanted) {
+            /* Back to the caller with the device still busy: what was queued goes now. */
+            if (io_uring_sq_ready(&run->ring->uring))
+                io_uring_submit(&run->ring->uring);
+            return (int64_t)run->finished;
+        }
+        if (run->chunks_in_flight == 0) {
+            /* Nothing on the device: what is missing is a checksum, or the run stopped. */
+            drain_checksums(run);
+            count_finished(run);
+            return (int64_t)run->finished;
+        }
+        int error = wait_and_reap(run);
+        if (error)
+            return error;
+    }
+}
+
+static int64_t run_finish(struct ctxkv_run *run)
+{
+    run->stopping = 1;
+    while (run->chunks_in_flight && !run->failure)
+        wait_and_reap(run);
+    drain_checksums(run);
+    return run->failure ? run->failure : (int64_t)run->completed;
+}
+
+int ctxkv_run_start(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t capacity,
+                    uint32_t depth, uint64_t deadline_ns, struct ctxkv_io_result *results,
+                    struct ctxkv_progress *progress, struct ctxkv_run **out)
+{
+    *out = NULL;
+    if (depth == 0 || capacity > USER_DATA_INDEX_MASK)
+        return -EINVAL;
+    struct ctxkv_run *run = malloc(sizeof(*run));
+    if (!run)
+        return -ENOMEM;
+    run_init(run, ring, ios, capacity, depth, deadline_ns, results, progress);
+    *out = run;
+    return 0;
+}
+
+int64_t ctxkv_run_advance(struct ctxkv_run *run, uint64_t ready, uint64_t wanted)
+{
+    return run_advance(run, ready, wanted);
+}
+
+int64_t ctxkv_run_finish(struct ctxkv_run *run)
+{
+    int64_t outcome = run_finish(run);
+    free(run);
+    return outcome;
 }
 
 int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
@@ -379,34 +510,9 @@ int64_t ctxkv_ring_run(struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint
 {
     if (depth == 0 || n > USER_DATA_INDEX_MASK)
         return -EINVAL;
-    struct run_state st = {0};
-
-    int64_t outcome = 0;
-    for (;;) {
-        queue_ios(ring, ios, n, depth, deadline_ns, results, progress, &st);
-        if (st.chunks_in_flight == 0 && (st.next >= n || st.stopping))
-            break;
-
-        /* Waits in slices rather than forever: a completion the kernel leaves as pending
-         * task work on a ring without DEFER_TASKRUN is only posted once this task enters
-         * the kernel again; a test run here once sat in io_cqring_wait for good with two
-         * reads consumed and no completion posted. Each slice that ends re-enters. */
-        struct __kernel_timespec wait_slice = {.tv_sec = 0, .tv_nsec = WAIT_SLICE_NS};
-        struct io_uring_cqe *first_cqe;
-        int submitted;
-        do {
-            submitted = io_uring_submit_and_wait_timeout(&ring->uring, &first_cqe, 1,
-                                                         &wait_slice, NULL);
-        } while (submitted == -EINTR);
-        if (submitted < 0 && submitted != -EAGAIN && submitted != -EBUSY &&
-            submitted != -ETIME) {
-            outcome = submitted; /* the ring itself is broken; results say nothing */
-            break;
-        }
-        reap(ring, ios, results, progress, &st);
-    }
-    /* The checksum thread writes into results: done before the caller may read them. */
-    if (st.checksums_queued)
-        ctxkv_checksummer_drain(ring->checksummer);
-    return outcome < 0 ? outcome : (int64_t)st.completed;
+    struct ctxkv_run run;
+    run_init(&run, ring, ios, n, depth, deadline_ns, results, progress);
+    int64_t advanced = run_advance(&run, n, n);
+    int64_t outcome = run_finish(&run);
+    return advanced < 0 ? advanced : outcome;
 }

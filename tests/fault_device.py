@@ -183,6 +183,9 @@ class FaultInjectingRing(Ring):
             self.raise_first_error(ios, done)
         return done
 
+    def stream(self, ios: np.ndarray, *, depth: int = 32) -> OneAtATimeStream:
+        return OneAtATimeStream(self, ios)
+
     def run_real(self, io: np.ndarray) -> np.ndarray:
         return super().run(io, depth=1, raise_errors=False)
 
@@ -199,3 +202,25 @@ class FaultInjectingRing(Ring):
         ios = Ring.batch(1)
         ios[0] = (offset, buffer.ctypes.data, len(data), UNREGISTERED_BUFFER, member, Op.WRITE)
         super().run(ios, depth=1)
+
+
+class OneAtATimeStream:
+    """RingStream's contract over FaultInjectingRing.run: each advance runs the rows
+    handed over since the last one, one I/O at a time through the test device."""
+
+    def __init__(self, ring: FaultInjectingRing, ios: np.ndarray):
+        self.ring = ring
+        self.ios = ios
+        self.results = np.zeros(len(ios), dtype=RESULT_DTYPE)
+        self.ready = 0
+
+    def advance(self, ready: int, wanted: int) -> int:
+        assert self.ready <= ready <= len(self.ios) and wanted <= ready
+        if ready > self.ready:
+            rows = slice(self.ready, ready)
+            self.ring.run(self.ios[rows], results=self.results[rows], raise_errors=False)
+            self.ready = ready
+        return ready
+
+    def finish(self) -> None:
+        pass

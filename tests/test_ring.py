@@ -191,6 +191,52 @@ def test_extent_reads_carry_each_payloads_crc(loop_device, depth: int):
                 assert results[i]["payload_crc32c"] == expected, i
 
 
+def test_a_stream_runs_rows_as_they_are_handed_over(loop_device):
+    """Rows handed over a few at a time (extent reads among them): each advance returns
+    with at least the wanted prefix finished and its results final; the ring refuses
+    another run while the stream is open, and a stream may not take back rows."""
+    from engine.io.ring import EXTENT_CRC
+    from engine.store.layout import EXTENT_PAYLOAD_BYTES_OFFSET, crc32c
+
+    extent_bytes, count = 64 * KIB + 4 * KIB, 40
+    with Device.open(loop_device(size_bytes=8 * MIB)) as device:
+        with (
+            BufferPool(extent_bytes, 2 * count, hugepages=False) as pool,
+            Ring([device], pool) as ring,
+        ):
+            rng = np.random.default_rng(3)
+            for i in range(count):
+                view = _buffer_view(pool, i)
+                view[:] = rng.integers(0, 256, extent_bytes, dtype=np.uint8).tobytes()
+                view[EXTENT_PAYLOAD_BYTES_OFFSET : EXTENT_PAYLOAD_BYTES_OFFSET + 4] = (
+                    64 * KIB
+                ).to_bytes(4, "little")
+            offsets = [i * extent_bytes for i in range(count)]
+            ring.run(describe(pool, list(range(count)), offsets, Op.WRITE, extent_bytes))
+            reads = describe(pool, list(range(count, 2 * count)), offsets, Op.READ, extent_bytes)
+            reads["opcode"][1::3] |= EXTENT_CRC
+            with ring.stream(reads, depth=4) as stream:
+                with pytest.raises(CtxkvError, match="stream is open"):
+                    ring.run(reads[:1])
+                ready = 0
+                for wanted in range(count + 1):
+                    ready = min(count, max(ready, wanted + int(rng.integers(0, 6))))
+                    finished = stream.advance(ready, wanted)
+                    assert wanted <= finished <= ready
+                    if wanted:
+                        i = wanted - 1
+                        assert stream.results[i]["result"] == extent_bytes
+                        assert stream.results[i]["chunks_pending"] == 0
+                        got = bytes(_buffer_view(pool, count + i))
+                        assert got == bytes(_buffer_view(pool, i)), i
+                        expected = crc32c(got[4096:]) if i % 3 == 1 else 0
+                        assert stream.results[i]["payload_crc32c"] == expected, i
+                with pytest.raises(ValueError, match="ready not shrinking"):
+                    stream.advance(count - 1, 0)
+            stream.finish()  # again: nothing
+            ring.run(reads[:1])  # the ring is free once the stream is finished
+
+
 def test_unregistered_memory_works_too(target_file):
     with Device.open(target_file()) as device, Ring([device]) as ring:
         buffer = np.zeros(8192 + 4096, dtype=np.uint8)

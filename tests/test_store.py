@@ -110,6 +110,62 @@ def test_put_many_get_many_and_longest_prefix(target_file):
         assert store.longest_prefix([]) == 0
 
 
+def test_read_iter_streams_more_values_than_the_pool_holds(two_loops):
+    """80 values (1 to 3 extents, misses among them) through a pool of 8 buffers: in
+    order, identical, read ahead only as far as the window, every buffer back at the end;
+    a put on the same thread while the stream is open works (another ring)."""
+    with Store.format(two_loops, extent_size=EXTENT, pool_buffers=8, queue_depth=2) as store:
+        rng = random.Random(7)
+        values = {}
+        for i in range(80):
+            if i % 7 != 3:  # every 7th key from 3 on is never put: a miss
+                values[f"v{i}".encode()] = value_of(i, rng.randint(1, 3 * EXTENT))
+        store.put_many(list(values.items()))
+        keys = [f"v{i}".encode() for i in range(80)]
+        stream = store.read_iter(keys)
+        for i, (key, lease) in enumerate(zip(keys, stream, strict=True)):
+            if key not in values:
+                assert lease is None
+                continue
+            with lease:
+                assert b"".join(map(bytes, lease.views)) == values[key]
+                # the caller's parts plus at most two queue depths read ahead
+                assert store.pool_leased <= lease.buffers_held + 2 * 2 + 3
+            if i == 40:
+                store.put(b"during", b"x" * 100)
+        assert store.pool_leased == 0
+        assert store.get(b"during") == b"x" * 100
+        stats = store.stats()
+        assert stats["misses"] == 80 - len(values) and stats["corrupt_reads"] == 0
+
+
+def test_read_iter_closed_early_or_hoarded_gives_every_buffer_back(target_file):
+    with Store.format(
+        [target_file(size_bytes=32 * MIB)], extent_size=EXTENT, pool_buffers=8
+    ) as store:
+        keys = [f"k{i}".encode() for i in range(20)]
+        store.put_many([(key, key * 1000) for key in keys])
+        stream = store.read_iter(keys)
+        first = next(stream)
+        assert bytes(first.memoryview) == keys[0] * 1000
+        assert store.pool_leased > 1  # the next values are being read ahead
+        stream.close()
+        assert store.pool_leased == 1
+        first.release()
+        assert store.pool_leased == 0
+        # A caller that keeps every value gets an error, not a wait with no end.
+        held = []
+        with pytest.raises(ValueTooLargeError, match="holds 8 of the pool's 8"):
+            for lease in store.read_iter(keys):
+                held.append(lease)
+        assert len(held) == 8 and store.pool_leased == 8
+        for lease in held:
+            lease.release()
+        assert store.pool_leased == 0
+        with pytest.raises(ValueTooLargeError, match="read fewer keys"):
+            store.read_many(keys)
+
+
 def test_eviction_is_fifo_with_second_chance_and_pins(target_file):
     target = target_file(size_bytes=16 * MIB)
     with Store.format([target], extent_size=1 * MIB) as store:

@@ -52,10 +52,15 @@ def describe_run(job: Job, result: RunResult, label: str) -> str:
         lines.append(f"  buffers: mem={result.extra['fio_mem']}")
     elif result.engine == "ctxkv-store":
         extra = result.extra
+        calls = (
+            "streamed by read_iter (latency is the wait for each)"
+            if extra["values_per_call"] is None
+            else f"{extra['values_per_call']} per call (latency is a call's)"
+        )
         lines.append(
-            f"  store: {extra['values']} values of one extent, {extra['values_per_call']} per "
-            f"call (latency is a call's), {extra['durability']} durability, "
-            f"{extra['journal_commits']} journal commits, {extra['pool_backing']} pool"
+            f"  store: {extra['values']} values of one extent, {calls}, "
+            f"{extra['durability']} durability, {extra['journal_commits']} journal commits, "
+            f"{extra['pool_backing']} pool"
         )
     else:
         extra = result.extra

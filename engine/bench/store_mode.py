@@ -1,12 +1,14 @@
 """The store's side of a benchmark (`ctxkv bench --mode store`): puts or gets of values
-of one extent (bs) through engine.Store, one thread per job. Each put_many/read_many
-call carries BATCH_PER_DEPTH * iodepth values and the store keeps iodepth I/Os in
-flight (its queue_depth): the device sees fio's iodepth, and a batch streams through
-it as an inference engine's get of a whole prefix would. Formats the targets:
-everything on them is lost."""
+of one extent (bs) through engine.Store, one thread per job, with the store keeping
+iodepth I/Os in flight (its queue_depth) so the device sees fio's iodepth. Gets stream
+every value through one read_iter per pass, as an inference engine's get of a whole
+prefix would; a get's latency is the caller's wait for each value. Puts go in
+put_many calls of BATCH_PER_DEPTH * iodepth values; a put's latency is its call's.
+Formats the targets: everything on them is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -26,6 +28,26 @@ def value_count(job: Job, store: Store) -> int:
     slots = store.stats()["slots"]
     wanted = slots if job.size_bytes is None else job.size_bytes // job.block_bytes
     return max(BATCH_PER_DEPTH * job.iodepth, min(wanted, int(slots * FILL_FRACTION)))
+
+
+def read_stream(
+    store: Store, keys: list[bytes], latencies: list[int], deadline_ns: int
+) -> tuple[int, int]:
+    """Reads keys through one read_iter, adding the wait for each value to latencies,
+    until the deadline (monotonic ns, 0 for none): (values read, when the last came)."""
+    got = asked = monotonic_ns()
+    read = 0
+    with contextlib.closing(store.read_iter(keys)) as values:
+        for lease in values:
+            got = monotonic_ns()
+            latencies.append(got - asked)
+            assert lease is not None, "a bench value went missing"
+            lease.release()
+            read += 1
+            if deadline_ns and got >= deadline_ns:
+                break
+            asked = monotonic_ns()
+    return read, got
 
 
 def run_store(
@@ -62,21 +84,17 @@ def run_store(
                 start_ns = monotonic_ns()
                 position = 0
                 while True:
-                    batch = mine[position : position + BATCH_PER_DEPTH * job.iodepth]
-                    began = monotonic_ns()
                     if job.is_read:
-                        leases = store.read_many(batch)
-                        assert all(lease is not None for lease in leases), (
-                            "a bench value went missing"
-                        )
-                        for lease in leases:
-                            lease.release()
+                        done, ended = read_stream(store, mine, latencies, deadline_ns)
                     else:
+                        batch = mine[position : position + BATCH_PER_DEPTH * job.iodepth]
+                        began = monotonic_ns()
                         store.put_many([(key, value) for key in batch])
-                    ended = monotonic_ns()
-                    latencies.extend([ended - began] * len(batch))
-                    done_bytes[index] += len(batch) * job.block_bytes
-                    position += len(batch)
+                        ended = monotonic_ns()
+                        latencies.extend([ended - began] * len(batch))
+                        done = len(batch)
+                    done_bytes[index] += done * job.block_bytes
+                    position += done
                     if position >= len(mine):
                         if not job.time_based:
                             break
@@ -117,7 +135,7 @@ def run_store(
             sys_cpu_ns=sum(o[5] for o in outcomes),
             extra={
                 "values": count,
-                "values_per_call": BATCH_PER_DEPTH * job.iodepth,
+                "values_per_call": None if job.is_read else BATCH_PER_DEPTH * job.iodepth,
                 "durability": durability,
                 "journal_commits": stats["journal_commits"],
                 "pool_backing": stats["pool_backing"],

@@ -4,6 +4,8 @@ A Ring owns one io_uring with the pool's buffers and the devices' files register
 Callers describe I/O as a numpy array of IO_DTYPE (one row per logical I/O, built with
 vectorised numpy, never a Python loop per SQE) and hand the whole array to run(), which
 validates it, runs it in C with the GIL released, and raises on the first failure.
+A stream() is a run fed as it goes: the caller hands over rows as it fills them in and
+takes results as they finish, while the device keeps depth I/Os in flight.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Ring(Closeable):
         self._block_bytes = np.array([g.logical_block_bytes for g in geometries], dtype=np.uint64)
         self._capacity_bytes = np.array([g.capacity_bytes for g in geometries], dtype=np.uint64)
         self._writable = np.array([device.writable for device in self.devices], dtype=bool)
+        self._stream: RingStream | None = None  # the C side allows one run at a time
 
     def _register(self, pool: BufferPool | None) -> None:
         # A passthrough device's I/O goes to its NVMe char device, as NVMe commands.
@@ -203,11 +206,7 @@ class Ring(Closeable):
         early: then only a prefix of ios ran. Raises DeviceIOError or ShortTransferError
         for the first failed I/O unless raise_errors is False.
         """
-        self._check_usable()
-        if ios.dtype != IO_DTYPE or ios.ndim != 1 or not ios.flags.c_contiguous:
-            raise TypeError("ios must be a contiguous 1-d array of IO_DTYPE (see Ring.batch)")
-        if depth <= 0:
-            raise ValueError(f"depth must be positive, got {depth}")
+        self._check_idle(ios, depth)
         self.validate(ios)
         if results is None:
             results = np.empty(len(ios), dtype=RESULT_DTYPE)
@@ -228,6 +227,21 @@ class Ring(Closeable):
         if raise_errors:
             self.raise_first_error(ios[:ran], done)
         return done
+
+    def stream(self, ios: np.ndarray, *, depth: int = 32) -> RingStream:
+        """A run over ios that the caller fills in as it goes (see RingStream). Until it
+        is finished nothing else may run on this ring."""
+        self._check_idle(ios, depth)
+        return RingStream(self, ios, depth)
+
+    def _check_idle(self, ios: np.ndarray, depth: int) -> None:
+        self._check_usable()
+        if self._stream is not None:
+            raise CtxkvError("a stream is open on this ring; finish it first")
+        if ios.dtype != IO_DTYPE or ios.ndim != 1 or not ios.flags.c_contiguous:
+            raise TypeError("ios must be a contiguous 1-d array of IO_DTYPE (see Ring.batch)")
+        if depth <= 0:
+            raise ValueError(f"depth must be positive, got {depth}")
 
     def validate(self, ios: np.ndarray) -> None:
         """Refuses, naming the first bad I/O, what the kernel would fail or what would
@@ -350,9 +364,81 @@ class Ring(Closeable):
             )
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.finish()  # the kernel may still be writing into its buffers
         if self._ring != ffi.NULL:
             lib.ctxkv_ring_free(self._ring)
             self._ring = ffi.NULL
+
+
+class RingStream:
+    """ios run in order as the caller fills them in. advance(ready, wanted) hands over
+    ios[:ready], keeps the ring's depth I/Os in flight, and returns once ios[:wanted] have
+    finished (extent checksums included): between calls the device goes on with what is
+    queued while the caller works on what has finished. results[i] is final once i is
+    below what advance returned. finish() waits for whatever is still in flight, so the
+    buffers the rows name must stay leased until it returns."""
+
+    def __init__(self, ring: Ring, ios: np.ndarray, depth: int):
+        self.ios = ios
+        self.results = np.zeros(len(ios), dtype=RESULT_DTYPE)
+        self.ready = 0
+        self.finished = 0
+        # The cdata objects keep the arrays' memory pinned for C while the run lives.
+        self._ios_c = ffi.from_buffer(ios)
+        self._results_c = ffi.from_buffer(self.results)
+        run_out = ffi.new("struct ctxkv_run **")
+        result = lib.ctxkv_run_start(
+            ring._ring,
+            ffi.cast("struct ctxkv_io *", self._ios_c),
+            len(ios),
+            depth,
+            0,
+            ffi.cast("struct ctxkv_io_result *", self._results_c),
+            ffi.NULL,
+            run_out,
+        )
+        if result < 0:
+            raise native_error(result, "starting a ring run")
+        self._run = run_out[0]
+        self._ring = ring
+        ring._stream = self
+
+    def advance(self, ready: int, wanted: int) -> int:
+        """Hands over ios[:ready]; returns how many leading ios have finished, at least
+        wanted. Raises for a row that is invalid (before the kernel sees it) or a ring
+        that broke; a failed I/O is only reported in its results row."""
+        if self._run is None:
+            raise CtxkvError("the stream is finished")
+        if not self.ready <= ready <= len(self.ios) or not 0 <= wanted <= ready:
+            raise ValueError(
+                f"advance(ready={ready}, wanted={wanted}) of a stream of {len(self.ios)} "
+                f"rows with {self.ready} handed over: need wanted <= ready, ready not shrinking"
+            )
+        self._ring.validate(self.ios[self.ready : ready])
+        self.ready = ready
+        finished = lib.ctxkv_run_advance(self._run, ready, wanted)
+        if finished < 0:
+            raise native_error(finished, "io_uring_enter")
+        assert wanted <= finished <= ready, (wanted, finished, ready)
+        self.finished = finished
+        return finished
+
+    def finish(self) -> None:
+        """Waits for every I/O in flight; queues no more. Idempotent."""
+        if self._run is None:
+            return
+        run, self._run = self._run, None
+        self._ring._stream = None
+        ran = lib.ctxkv_run_finish(run)
+        if ran < 0:
+            raise native_error(ran, "io_uring_enter")
+
+    def __enter__(self) -> RingStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish()
 
 
 def monotonic_ns() -> int:

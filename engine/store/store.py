@@ -8,6 +8,8 @@ verifies header and payload checksums before returning a byte: any mismatch is a
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -21,7 +23,7 @@ import numpy as np
 from engine._native import ffi, lib
 from engine.alloc.log import FREE, WRITING, Eviction, StoreFullError
 from engine.closing import Closeable, Releasable
-from engine.errors import CtxkvError
+from engine.errors import CtxkvError, PoolExhaustedError
 from engine.index import key_digest, key_digests
 from engine.io.buffers import BufferPool, Lease, aligned_array
 from engine.io.ring import EXTENT_CRC, UNREGISTERED_BUFFER, Op, Ring
@@ -93,6 +95,10 @@ DEFAULT_FLUSH_INTERVAL_MS = 100
 # between rounds; benchmarks set it to fio's iodepth to compare like with like.
 DEFAULT_QUEUE_DEPTH = 64
 MAX_QUEUE_DEPTH = 256  # the ring's entries (shared_ring)
+# A stream of reads (read_iter, get_many, read_many) leases buffers for at most this many
+# queue depths of parts beyond the value its caller waits for: enough to keep the queue
+# full while the caller works, without one reader taking the whole pool from the others.
+READ_AHEAD_DEPTHS = 2
 
 
 def check_options(durability: str, flush_interval_ms: int, queue_depth: int) -> None:
@@ -157,6 +163,11 @@ class ValueLease(Releasable):
     @property
     def array(self) -> np.ndarray:
         return np.frombuffer(self.memoryview, dtype=np.uint8)
+
+    @property
+    def buffers_held(self) -> int:
+        """Pool buffers this lease holds: 0 once released."""
+        return len(self._leases)
 
     def release(self) -> None:
         for lease in self._leases:
@@ -436,21 +447,31 @@ class Store(Closeable):
 
     # ---- I/O plumbing ----------------------------------------------------------------------
 
-    def _ring(self) -> Ring:
-        """This thread's ring: one per thread, so threads never contend for a ring."""
-        ring = getattr(self._local, "ring", None)
-        if ring is None:
+    @contextlib.contextmanager
+    def _borrowed_ring(self) -> Iterator[Ring]:
+        """One of this thread's rings for one run or stream: threads never contend for a
+        ring, and a stream left open (a read_iter the caller has not finished) leaves
+        the thread's next operation another ring."""
+        idle = getattr(self._local, "idle_rings", None)
+        if idle is None:
+            idle = self._local.idle_rings = []
+        if idle:
+            ring = idle.pop()
+        else:
             if self._closed:
                 raise CtxkvError("the store is closed")
             ring = self._ring_factory(self._devices, self._pool)
-            self._local.ring = ring
             with self._rings_lock:
                 self._rings.append(ring)
-        return ring
+        try:
+            yield ring
+        finally:
+            idle.append(ring)
 
     def _run(self, ios: np.ndarray, *, raise_errors: bool = True) -> np.ndarray:
         depth = max(1, min(len(ios), self.queue_depth))
-        return self._ring().run(ios, depth=depth, raise_errors=raise_errors)
+        with self._borrowed_ring() as ring:
+            return ring.run(ios, depth=depth, raise_errors=raise_errors)
 
     def _slot_offset(self, part: Part) -> int:
         member, slot = part
@@ -893,12 +914,12 @@ class Store(Closeable):
         if needed > self._pool.count:
             raise ValueTooLargeError(
                 f"read_many would hold {needed} pool buffers at once but the pool has "
-                f"{self._pool.count}: read fewer keys at a time, or use get_many"
+                f"{self._pool.count}: read fewer keys at a time, or use read_iter or get_many"
             )
         results: list[ValueLease | None] = []
         try:
-            for chunk in self._read_chunks(plans):
-                results.extend(chunk)
+            with contextlib.closing(self._read_stream(plans)) as leases:
+                results.extend(leases)
         except BaseException:
             for lease in results:
                 if lease is not None:
@@ -906,22 +927,30 @@ class Store(Closeable):
             raise
         return results
 
+    def read_iter(self, keys: Sequence[bytes]) -> Iterator[ValueLease | None]:
+        """read() for each key, in order, as one stream: queue_depth parts in flight and
+        the next values read ahead while the caller works on earlier ones, so a long
+        prefix streams at the device's speed with no pause between batches. Release each
+        lease when done with it: a caller holding so many that the next value's parts no
+        longer fit in the pool gets ValueTooLargeError rather than a wait with no end.
+        Closing the iterator early releases what it read ahead."""
+        return self._read_stream(self._plan_reads(keys))
+
     def get(self, key: bytes) -> bytes | None:
         [value] = self.get_many([key])
         return value
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """Values (or None) for keys: as many parts read in parallel as the pool holds,
-        each pool-full copied out and released before the next is read."""
+        """Values (or None) for keys, streamed as read_iter reads them: each value is
+        copied out and its buffers released before the next is taken."""
         values: list[bytes | None] = []
-        for chunk in self._read_chunks(self._plan_reads(keys)):
-            try:
-                for lease in chunk:
-                    values.append(None if lease is None else b"".join(map(bytes, lease.views)))
-            finally:
-                for lease in chunk:
-                    if lease is not None:
-                        lease.release()
+        with contextlib.closing(self._read_stream(self._plan_reads(keys))) as leases:
+            for lease in leases:
+                if lease is None:
+                    values.append(None)
+                    continue
+                with lease:
+                    values.append(b"".join(map(bytes, lease.views)))
         return values
 
     def get_into(self, key: bytes, buffer: bytearray | memoryview | np.ndarray) -> int | None:
@@ -953,82 +982,126 @@ class Store(Closeable):
             self._counters["gets"] += len(keys)
         return plans
 
-    def _read_chunks(
+    def _read_stream(
         self, plans: list[tuple[bytes, bytes, Located] | None]
-    ) -> Iterator[list[ValueLease | None]]:
-        """The values of plans, a pool-full of parts at a time, in order."""
-        chunk: list[tuple[bytes, bytes, Located] | None] = []
-        chunk_parts = 0
-        for plan in plans:
-            parts = len(plan[2].parts) if plan else 0
-            if parts > self._pool.count:
+    ) -> Iterator[ValueLease | None]:
+        """The verified values of plans, in order, read through one ring stream. Checks
+        that every value fits in the pool before the first read."""
+        parts = [len(plan[2].parts) if plan else 0 for plan in plans]
+        for plan, count in zip(plans, parts, strict=True):
+            if count > self._pool.count:
                 raise ValueTooLargeError(
-                    f"the value of {plan[0]!r} spans {parts} extents but the pool holds "
+                    f"the value of {plan[0]!r} spans {count} extents but the pool holds "
                     f"{self._pool.count} buffers: open the store with more pool_buffers"
                 )
-            if chunk_parts + parts > self._pool.count:
-                yield self._read_chunk(chunk, chunk_parts)
-                chunk, chunk_parts = [], 0
-            chunk.append(plan)
-            chunk_parts += parts
-        yield self._read_chunk(chunk, chunk_parts)
+        return self._stream_values(plans, parts)
 
-    def _read_chunk(
-        self, plans: list[tuple[bytes, bytes, Located] | None], part_total: int
-    ) -> list[ValueLease | None]:
-        """Reads every part of every value in plans at once, into buffers leased at once."""
-        all_leases = self._pool.lease_many(part_total, timeout=None) if part_total else []
-        kept: set[int] = set()
-        try:
-            rows, per_value, remaining = [], [], all_leases
-            for plan in plans:
-                located = plan[2] if plan else None
-                part_leases = remaining[: len(located.parts)] if located else []
-                remaining = remaining[len(part_leases) :]
-                per_value.append(part_leases)
-                for part_index, (lease, part) in enumerate(
-                    zip(part_leases, located.parts if located else (), strict=True)
-                ):
+    def _stream_values(
+        self, plans: list[tuple[bytes, bytes, Located] | None], parts: list[int]
+    ) -> Iterator[ValueLease | None]:
+        first_row = list(itertools.accumulate(parts, initial=0))  # value k: rows [k, k+1)
+        ios = Ring.batch(first_row[-1])
+        leases: list[list[Lease]] = [[] for _ in plans]
+        handed_out: list[ValueLease] = []  # to tell what the caller still holds
+        filled = 0  # values whose rows are filled in, their buffers leased
+        with self._borrowed_ring() as ring:
+            stream = ring.stream(ios, depth=self.queue_depth)
+            try:
+                for k, plan in enumerate(plans):
+                    filled = self._fill_reads(
+                        plans, parts, first_row, ios, leases, filled, k, handed_out
+                    )
+                    rows = slice(first_row[k], first_row[k + 1])
+                    stream.advance(first_row[filled], rows.stop)
+                    value = self._finish_read(plan, leases[k], ios[rows], stream.results[rows])
+                    leases[k] = []  # the value's now, or given back
+                    if value is not None:
+                        handed_out.append(value)
+                    yield value
+            finally:
+                stream.finish()  # first: the kernel may still be reading into buffers
+                for value_leases in leases:
+                    for lease in value_leases:
+                        lease.release()
+
+    def _fill_reads(
+        self,
+        plans: list[tuple[bytes, bytes, Located] | None],
+        parts: list[int],
+        first_row: list[int],
+        ios: np.ndarray,
+        leases: list[list[Lease]],
+        filled: int,
+        wanted: int,
+        handed_out: list[ValueLease],
+    ) -> int:
+        """Leases buffers for and fills in the rows of the values after the first
+        `filled`, as far as the read-ahead window and free buffers allow; value `wanted`
+        (the caller's next) even if that means waiting for buffers. Returns the new filled."""
+        window = max(1, min(self._pool.count, READ_AHEAD_DEPTHS * self.queue_depth))
+        while filled < len(plans):
+            count = parts[filled]
+            if filled > wanted and first_row[filled] + count - first_row[wanted] > window:
+                break
+            if count:
+                try:
+                    got = self._pool.lease_many(count, timeout=0)
+                except PoolExhaustedError:
+                    if filled > wanted:
+                        break  # read ahead later, when buffers come back
+                    handed_out[:] = [value for value in handed_out if value.buffers_held]
+                    held = sum(value.buffers_held for value in handed_out)
+                    if held + count > self._pool.count:
+                        raise ValueTooLargeError(
+                            f"the next value needs {count} pool buffers but this reader still "
+                            f"holds {held} of the pool's {self._pool.count}: release values "
+                            f"before taking more"
+                        ) from None
+                    got = self._pool.lease_many(count, timeout=None)
+                located = plans[filled][2]
+                for part_index, (lease, part) in enumerate(zip(got, located.parts, strict=True)):
                     payload_bytes = self._payload_bytes(located.value_bytes, part_index)
                     read_bytes = EXTENT_HEADER_BYTES + round_up(payload_bytes, BLOCK_BYTES)
-                    offset = self._slot_offset(part)
-                    rows.append(
-                        (offset, lease.address, read_bytes, lease.index, part[0], READ_EXTENT)
-                    )
-            crcs: list[int] = []
-            failures: list[str | None] = []
-            if rows:
-                ios = Ring.batch(len(rows))
-                ios[:] = rows
-                crcs, failures = self._read_extents(ios)
-            results: list[ValueLease | None] = []
-            hits = 0
-            for plan, part_leases in zip(plans, per_value, strict=True):
-                count = len(part_leases)
-                part_crcs, crcs = crcs[:count], crcs[count:]
-                part_failures, failures = failures[:count], failures[count:]
-                verified = (
-                    self._verify(plan, part_leases, part_crcs, part_failures) if plan else None
-                )
-                if verified is not None:
-                    kept.update(lease.index for lease in part_leases)
-                    hits += 1
-                results.append(verified)
-            with self._lock:
-                self._counters["hits"] += hits
-                self._counters["misses"] += len(plans) - hits
-                self._counters["bytes_got"] += sum(r.nbytes for r in results if r is not None)
-            return results
-        finally:
-            for lease in all_leases:
-                if lease.index not in kept:
-                    lease.release()
+                    ios[first_row[filled] + part_index] = (
+                        self._slot_offset(part), lease.address, read_bytes, lease.index,
+                        part[0], READ_EXTENT,
+                    )  # fmt: skip
+                leases[filled] = got
+            filled += 1
+        return filled
+
+    def _finish_read(
+        self,
+        plan: tuple[bytes, bytes, Located] | None,
+        part_leases: list[Lease],
+        ios: np.ndarray,
+        results: np.ndarray,
+    ) -> ValueLease | None:
+        """The value read into part_leases, verified; or None (its buffers given back)."""
+        value = None
+        if plan is not None:
+            crcs, failures = self._outcomes(ios, results)
+            value = self._verify(plan, part_leases, crcs, failures)
+        if value is None:
+            for lease in part_leases:
+                lease.release()
+        with self._lock:
+            if value is None:
+                self._counters["misses"] += 1
+            else:
+                self._counters["hits"] += 1
+                self._counters["bytes_got"] += value.nbytes
+        return value
 
     def _read_extents(self, ios: np.ndarray) -> tuple[list[int], list[str | None]]:
         """Runs READ_EXTENT ios: each one's payload CRC, and why it failed (None if it
         did not). A device error on one extent must not fail the others' reads."""
         done = self._run(ios, raise_errors=False)
         assert len(done) == len(ios)
+        return self._outcomes(ios, done)
+
+    def _outcomes(self, ios: np.ndarray, done: np.ndarray) -> tuple[list[int], list[str | None]]:
+        """Each READ_EXTENT's payload CRC, and why it failed (None if it did not)."""
         failures: list[str | None] = []
         for wanted, result in zip(ios["nbytes"].tolist(), done["result"].tolist(), strict=True):
             if result < 0:
