@@ -2,10 +2,13 @@
 mode and fio on the same loop device in the same run, device write amplification after
 the store has wrapped twice, and recovery time for a journal of 1 million records.
 
-    .venv/bin/python bench/store_vs_fio.py [--rounds 3] [--size 1G] [--dir /var/tmp]
+    .venv/bin/python bench/store_vs_fio.py [--rounds 5] [--size 1G] [--dir /var/tmp]
 
 fio runs twice per round: plain (the device's cache speed) and with end_fsync=1 (the
-durable speed, what a strict put pays for). Writes bench/results/store_vs_fio.json.
+durable speed, what a strict put pays for). Before each write run the device is flushed,
+so no run pays for the dirty data of the one before. A read run repeats its region for
+READ_SECONDS: a single pass over 1 GiB takes ~0.4 s here, too short to trust. Writes
+bench/results/store_vs_fio.json.
 """
 
 from __future__ import annotations
@@ -31,12 +34,23 @@ from engine.store.store import RELAXED, STRICT, Store
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store_vs_fio.json"
 MiB = 1 << 20
+READ_SECONDS = 3.0
 
 
 def sectors_written(device: str) -> int:
     """Sectors (512 bytes) the kernel has written to the device since it appeared."""
     fields = Path(f"/sys/block/{os.path.basename(device)}/stat").read_text().split()
     return int(fields[6])
+
+
+def flush(device: str) -> None:
+    """Writes back what the previous run left dirty (the loop device's backing file, and
+    with it the host's cache of the image), so the next run starts clean."""
+    descriptor = os.open(device, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def bandwidth(device: str, rounds: int, size: int) -> dict:
@@ -50,11 +64,15 @@ def bandwidth(device: str, rounds: int, size: int) -> dict:
     report = {}
     for rw in ("write", "read"):
         job = Job(targets=(device,), rw=rw, block_bytes=4 * MiB, iodepth=8, size_bytes=size)
+        if rw == "read":
+            job = replace(job, runtime_s=READ_SECONDS, time_based=True)
         runs: dict[str, list[float]] = {name: [] for name in engines}
         for round_index in range(rounds):
             for name, run in engines.items():
                 if rw == "read" and name in ("fio end_fsync", "ctxkv store relaxed"):
                     continue  # durability changes nothing for reads
+                if rw == "write":
+                    flush(device)
                 result = run(job)
                 runs[name].append(result.bw_bytes)
                 print(
@@ -128,7 +146,7 @@ def recovery_time(directory: Path, records: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="bytes per run")
     parser.add_argument("--records", type=int, default=1_000_000, help="journal records to recover")
     parser.add_argument("--dir", default="/var/tmp")

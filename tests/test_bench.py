@@ -99,6 +99,27 @@ def test_json_output_follows_fio_schema(target_file, rw):
     assert "SINGLE_ISSUER" in job["ctxkv"]["ring_setup_flags"]
 
 
+@pytest.mark.parametrize("runtime", ["", "1"])
+def test_store_mode_puts_then_streams_every_value(target_file, runtime):
+    """--mode store: a put job stores size/bs values (32 here: at least 8 per queue slot);
+    a read job streams them all back through read_iter, verified (a missing one fails the
+    run); time-based jobs go on over their keys until the runtime is up."""
+    target = target_file(size_bytes=64 * MIB)
+    timing = ["--runtime", runtime, "--time-based"] if runtime else []
+    for rw in ("write", "read"):
+        completed = ctxkv(
+            "bench", "--mode", "store", "--rw", rw, "--bs", "1M", "--iodepth", "4",
+            "--size", "32M", *timing, "--output-format", "json", target,
+        )  # fmt: skip
+        [job] = json.loads(completed.stdout)["jobs"]
+        section = job[rw]
+        if not runtime:
+            assert section["io_bytes"] == 32 * MIB and section["total_ios"] == 32
+        else:
+            assert section["io_bytes"] > 32 * MIB and section["io_bytes"] % MIB == 0
+        assert section["bw_bytes"] > 0 and section["lat_ns"]["percentile"]["50.000000"] > 0
+
+
 def test_numjobs_and_several_targets(loop_device, target_file):
     targets = [loop_device(size_bytes=16 * MIB), target_file(size_bytes=16 * MIB)]
     completed = ctxkv(

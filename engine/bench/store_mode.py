@@ -22,6 +22,7 @@ from engine.store.store import STRICT, Store
 
 FILL_FRACTION = 0.9  # of the store's slots, so reads never meet an eviction
 BATCH_PER_DEPTH = 8
+TIME_BASED_PASSES = 16
 
 
 def value_count(job: Job, store: Store) -> int:
@@ -85,16 +86,22 @@ def run_store(
                 position = 0
                 while True:
                     if job.is_read:
-                        done, ended = read_stream(store, mine, latencies, deadline_ns)
-                    else:
-                        batch = mine[position : position + BATCH_PER_DEPTH * job.iodepth]
-                        began = monotonic_ns()
-                        store.put_many([(key, value) for key in batch])
-                        ended = monotonic_ns()
-                        latencies.extend([ended - began] * len(batch))
-                        done = len(batch)
-                    done_bytes[index] += done * job.block_bytes
-                    position += done
+                        # A time-based job streams its keys over and over through one
+                        # read_iter, as fio wraps around its region, rather than draining
+                        # the queue at the end of every pass.
+                        passes = TIME_BASED_PASSES if job.time_based else 1
+                        done, ended = read_stream(store, mine * passes, latencies, deadline_ns)
+                        done_bytes[index] += done * job.block_bytes
+                        if not job.time_based or (deadline_ns and ended >= deadline_ns):
+                            break
+                        continue
+                    batch = mine[position : position + BATCH_PER_DEPTH * job.iodepth]
+                    began = monotonic_ns()
+                    store.put_many([(key, value) for key in batch])
+                    ended = monotonic_ns()
+                    latencies.extend([ended - began] * len(batch))
+                    done_bytes[index] += len(batch) * job.block_bytes
+                    position += len(batch)
                     if position >= len(mine):
                         if not job.time_based:
                             break
