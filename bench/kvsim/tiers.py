@@ -20,9 +20,12 @@ import numpy as np
 
 from bench.kvsim.models import Model
 from bench.kvsim.workload import KEY_BYTES
+from engine.bench.job import Job
+from engine.bench.raw import run_raw
 from engine.client.client import Client
 from engine.store.store import Store
 
+FILL_BLOCK_BYTES = 4 << 20
 PUT_POLL_S = 0.001
 
 
@@ -93,9 +96,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def format_store(target: Path, size_bytes: int, extent_bytes: int, chunk_bytes: int) -> int:
-    """A fresh store file; its capacity in bytes."""
+    """A fresh store file, every block of it written once, so that fio on the same file
+    reads the device, never a hole the filesystem answers with zeros; its capacity."""
     with open(target, "wb") as file:
         file.truncate(size_bytes)
+    run_raw(Job(targets=(str(target),), rw="write", block_bytes=FILL_BLOCK_BYTES, iodepth=8))
     pool_buffers = max(8, chunk_bytes // extent_bytes)
     with Store.format(
         [target], extent_size=extent_bytes, force=True, pool_buffers=pool_buffers

@@ -58,6 +58,10 @@ class Lease(Releasable):
         """A writable uint8 numpy view of the buffer (no copy)."""
         return np.frombuffer(self.memoryview, dtype=np.uint8)
 
+    @property
+    def released(self) -> bool:
+        return self._released
+
     def release(self) -> None:
         if not self._released:
             self._released = True

@@ -164,11 +164,6 @@ class ValueLease(Releasable):
     def array(self) -> np.ndarray:
         return np.frombuffer(self.memoryview, dtype=np.uint8)
 
-    @property
-    def buffers_held(self) -> int:
-        """Pool buffers this lease holds: 0 once released."""
-        return len(self._leases)
-
     def release(self) -> None:
         for lease in self._leases:
             lease.release()
@@ -987,37 +982,51 @@ class Store(Closeable):
     ) -> Iterator[ValueLease | None]:
         """The verified values of plans, in order, read through one ring stream. Checks
         that every value fits in the pool before the first read."""
+        parts = self._parts_that_fit(plans)
+        return self._verified_values(plans, parts)
+
+    def _parts_that_fit(self, plans: list[tuple[bytes | None, bytes, Located] | None]) -> list[int]:
         parts = [len(plan[2].parts) if plan else 0 for plan in plans]
         for plan, count in zip(plans, parts, strict=True):
             if count > self._pool.count:
+                what = repr(plan[0]) if plan[0] is not None else f"digest {plan[1].hex()}"
                 raise ValueTooLargeError(
-                    f"the value of {plan[0]!r} spans {count} extents but the pool holds "
+                    f"the value of {what} spans {count} extents but the pool holds "
                     f"{self._pool.count} buffers: open the store with more pool_buffers"
                 )
-        return self._stream_values(plans, parts)
+        return parts
 
-    def _stream_values(
+    def _verified_values(
         self, plans: list[tuple[bytes, bytes, Located] | None], parts: list[int]
     ) -> Iterator[ValueLease | None]:
+        with contextlib.closing(self._stream_extents(plans, parts)) as extents:
+            for plan, (leases, crcs, failures) in zip(plans, extents, strict=True):
+                yield self._finish_read(plan, leases, crcs, failures)
+
+    def _stream_extents(
+        self, plans: list[tuple[bytes | None, bytes, Located] | None], parts: list[int]
+    ) -> Iterator[tuple[list[Lease], list[int], list[str | None]]]:
+        """Each plan's extents read into leased buffers through one ring stream, in order:
+        (buffers, payload CRCs, why each read failed or None). The buffers are the
+        caller's from then on, to release."""
         first_row = list(itertools.accumulate(parts, initial=0))  # value k: rows [k, k+1)
         ios = Ring.batch(first_row[-1])
         leases: list[list[Lease]] = [[] for _ in plans]
-        handed_out: list[ValueLease] = []  # to tell what the caller still holds
+        handed_out: list[Lease] = []  # to tell what the caller still holds
         filled = 0  # values whose rows are filled in, their buffers leased
         with self._borrowed_ring() as ring:
             stream = ring.stream(ios, depth=self.queue_depth)
             try:
-                for k, plan in enumerate(plans):
+                for k in range(len(plans)):
                     filled = self._fill_reads(
                         plans, parts, first_row, ios, leases, filled, k, handed_out
                     )
                     rows = slice(first_row[k], first_row[k + 1])
                     stream.advance(first_row[filled], rows.stop)
-                    value = self._finish_read(plan, leases[k], ios[rows], stream.results[rows])
-                    leases[k] = []  # the value's now, or given back
-                    if value is not None:
-                        handed_out.append(value)
-                    yield value
+                    crcs, failures = self._outcomes(ios[rows], stream.results[rows])
+                    value_leases, leases[k] = leases[k], []
+                    handed_out.extend(value_leases)
+                    yield value_leases, crcs, failures
             finally:
                 stream.finish()  # first: the kernel may still be reading into buffers
                 for value_leases in leases:
@@ -1033,7 +1042,7 @@ class Store(Closeable):
         leases: list[list[Lease]],
         filled: int,
         wanted: int,
-        handed_out: list[ValueLease],
+        handed_out: list[Lease],
     ) -> int:
         """Leases buffers for and fills in the rows of the values after the first
         `filled`, as far as the read-ahead window and free buffers allow; value `wanted`
@@ -1049,8 +1058,8 @@ class Store(Closeable):
                 except PoolExhaustedError:
                     if filled > wanted:
                         break  # read ahead later, when buffers come back
-                    handed_out[:] = [value for value in handed_out if value.buffers_held]
-                    held = sum(value.buffers_held for value in handed_out)
+                    handed_out[:] = [lease for lease in handed_out if not lease.released]
+                    held = len(handed_out)
                     if held + count > self._pool.count:
                         raise ValueTooLargeError(
                             f"the next value needs {count} pool buffers but this reader still "
@@ -1074,17 +1083,18 @@ class Store(Closeable):
         self,
         plan: tuple[bytes, bytes, Located] | None,
         part_leases: list[Lease],
-        ios: np.ndarray,
-        results: np.ndarray,
+        crcs: list[int],
+        failures: list[str | None],
     ) -> ValueLease | None:
         """The value read into part_leases, verified; or None (its buffers given back)."""
         value = None
-        if plan is not None:
-            crcs, failures = self._outcomes(ios, results)
-            value = self._verify(plan, part_leases, crcs, failures)
-        if value is None:
-            for lease in part_leases:
-                lease.release()
+        try:
+            if plan is not None:
+                value = self._verify(plan, part_leases, crcs, failures)
+        finally:
+            if value is None:
+                for lease in part_leases:
+                    lease.release()
         with self._lock:
             if value is None:
                 self._counters["misses"] += 1
@@ -1092,13 +1102,6 @@ class Store(Closeable):
                 self._counters["hits"] += 1
                 self._counters["bytes_got"] += value.nbytes
         return value
-
-    def _read_extents(self, ios: np.ndarray) -> tuple[list[int], list[str | None]]:
-        """Runs READ_EXTENT ios: each one's payload CRC, and why it failed (None if it
-        did not). A device error on one extent must not fail the others' reads."""
-        done = self._run(ios, raise_errors=False)
-        assert len(done) == len(ios)
-        return self._outcomes(ios, done)
 
     def _outcomes(self, ios: np.ndarray, done: np.ndarray) -> tuple[list[int], list[str | None]]:
         """Each READ_EXTENT's payload CRC, and why it failed (None if it did not)."""
@@ -1206,45 +1209,35 @@ class Store(Closeable):
                 for slot in log.live_slots()
                 if log.part_index[slot] == 0
             ]
+        plans = [(None, digest, located) for digest, located in values if located is not None]
         problems, extents = [], 0
-        for done, (digest, located) in enumerate(values, 1):
-            if located is None:
-                continue
-            leases = self._pool.lease_many(len(located.parts), timeout=None)
-            try:
-                ios = Ring.batch(len(leases))
-                for i, (lease, part) in enumerate(zip(leases, located.parts, strict=True)):
-                    nbytes = EXTENT_HEADER_BYTES + round_up(
-                        self._payload_bytes(located.value_bytes, i), BLOCK_BYTES
+        with contextlib.closing(self._stream_extents(plans, self._parts_that_fit(plans))) as reads:
+            for done, (plan, (leases, crcs, failures)) in enumerate(
+                zip(plans, reads, strict=True), 1
+            ):
+                _none, digest, located = plan
+                try:
+                    _sizes, problem = self._inspect(
+                        digest, located, leases, crcs, failures, key=None
                     )
-                    ios[i] = (
-                        self._slot_offset(part),
-                        lease.address,
-                        nbytes,
-                        lease.index,
-                        part[0],
-                        READ_EXTENT,
-                    )
-                crcs, failures = self._read_extents(ios)
-                _sizes, problem = self._inspect(digest, located, leases, crcs, failures, key=None)
-            finally:
-                for lease in leases:
-                    lease.release()
-            extents += len(located.parts)
-            if problem is not None:
-                part, reason = problem
-                member, slot = part if part is not None else located.parts[0]
-                problems.append({
-                    "where": f"extent member {member} slot {slot}",
-                    "member": member,
-                    "slot": slot,
-                    "offset": self._slot_offset((member, slot)),
-                    "key_digest": digest.hex(),
-                    "problem": reason,
-                })  # fmt: skip
-            if on_progress is not None:
-                on_progress("checking extents", done, len(values))
-        return len(values), extents, problems
+                finally:
+                    for lease in leases:
+                        lease.release()
+                extents += len(located.parts)
+                if problem is not None:
+                    part, reason = problem
+                    member, slot = part if part is not None else located.parts[0]
+                    problems.append({
+                        "where": f"extent member {member} slot {slot}",
+                        "member": member,
+                        "slot": slot,
+                        "offset": self._slot_offset((member, slot)),
+                        "key_digest": digest.hex(),
+                        "problem": reason,
+                    })  # fmt: skip
+                if on_progress is not None:
+                    on_progress("checking extents", done, len(plans))
+        return len(plans), extents, problems
 
     def keys(self, batch_slots: int = 256) -> Iterator[bytes]:
         """Every key in the store. The index holds only digests, so this reads the extent
