@@ -78,10 +78,11 @@ def test_eio_on_a_write_fails_that_put_and_nothing_else(faulty_store, what):
         assert again.get(b"c") == b"C" * 7000
 
 
-def test_a_put_many_stops_at_the_half_that_failed(tmp_path):
-    """put_many commits half a pool at a time on a worker while it copies the next half:
-    the values before a failed half are stored, that half and those after it are not,
-    and a key put twice keeps its later value."""
+def test_a_put_many_that_fails_in_its_third_half_stores_none_of_it(tmp_path):
+    """put_many writes half a pool at a time, then flushes and journals them all at once:
+    when the third half's write fails, none of its values is visible, now or after a
+    reopen, their slots go back to the allocator, and a key put twice in one earlier
+    put_many keeps its later value."""
     target = str(tmp_path / "store.img")
     with open(target, "wb") as file:
         file.truncate(64 * MIB)
@@ -101,12 +102,17 @@ def test_a_put_many_stops_at_the_half_that_failed(tmp_path):
 
         device.fail_io = fail_third_half
         renamed = [(f"new-{i}".encode(), value) for i, (_, value) in enumerate(values)]
+        free_before = store.stats()["slots_free"]
         with pytest.raises(DeviceIOError):
             store.put_many(renamed)
         device.fail_io = None
-        assert [store.get(key) for key, _ in renamed[:8]] == [v for _, v in renamed[:8]]
-        assert all(store.get(key) is None for key, _ in renamed[8:])
-        assert store.stats()["failed_puts"] == 4
+        assert all(store.get(key) is None for key, _ in renamed)
+        assert store.stats()["failed_puts"] == 12
+        assert store.stats()["slots_free"] == free_before
+        store.put_many(renamed)  # and the store takes them once the device behaves
+        assert [store.get(key) for key, _ in renamed] == [v for _, v in renamed]
+    with reopened(target) as again:
+        assert [again.get(key) for key, _ in renamed] == [v for _, v in renamed]
 
 
 def test_a_journal_that_cannot_even_be_voided_stops_acknowledging(faulty_store):

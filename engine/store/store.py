@@ -69,6 +69,13 @@ assert lib.CTXKV_EXTENT_PAYLOAD_BYTES_OFFSET == EXTENT_PAYLOAD_BYTES_OFFSET
 DEFAULT_POOL_BYTES = 256 << 20
 MIN_POOL_BUFFERS = 8
 
+# A value ready to write: key, the pool buffers holding its payloads, its length, and its
+# payloads' CRCs when the caller has them. _write_staged hands _make_durable each value's
+# placement (key, digest, sequence, length, buffers, parts, CRCs) and the journal records
+# of the evictions that made room.
+Staged = tuple[bytes, list[Lease], int, list[int] | None]
+Written = tuple[list[tuple], list[Record]]
+
 # Durability modes. strict: put returns once its extents and its journal record are on
 # stable media (two device flushes). relaxed: put returns once both are written, and a
 # flusher makes everything stable every flush_interval_ms, so a power loss forgets at
@@ -548,36 +555,43 @@ class Store(Closeable):
         self.put_many([(key, value)])
 
     def put_many(self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
-        """Stores several values with one parallel write, one flush and one journal commit
-        per half a pool of extents. While one half is written, flushed and journaled on a
-        worker thread, the next half is copied into the pool, so the copy (and its CRC)
-        does not leave the device idle. Values are committed in order."""
-        chunks = self._put_chunks(items)
-        current = next(chunks, None)
+        """Stores several values, durable together. Half a pool of extents at a time is
+        copied into the pool and written, on a worker thread while the caller copies the
+        next half; once every half is written, one flush and one journal commit make them
+        all durable and visible at once, as fio's end_fsync makes a whole job durable. A
+        failure leaves none of them visible."""
+        chunks = list(self._put_chunks(items))  # every key and size checked before a write
+        written: list[Written] = []
         writing: Future | None = None
         try:
-            while current is not None:
-                following = next(chunks, None)
-                leases = self._pool.lease_many(current[1], timeout=None)
+            for chunk_index, (values, parts) in enumerate(chunks):
+                leases = self._pool.lease_many(parts, timeout=None)
                 try:
-                    staged = self._copy_in(current[0], leases)
-                    if writing is not None:
-                        writing, earlier = None, writing
-                        earlier.result()  # an earlier failure stops the later values
+                    staged = self._copy_in(values, leases)
                 except BaseException:
                     for lease in leases:
                         lease.release()
                     raise
-                if following is None:
-                    self._commit_and_release(staged, leases)
+                if writing is not None:
+                    writing, earlier = None, writing
+                    written.append(earlier.result())
+                if chunk_index == len(chunks) - 1:
+                    # The last (often only) half is written here, saving a put a handoff.
+                    written.append(self._write_and_release(staged, leases))
                 else:
-                    writing = self._put_worker().submit(self._commit_and_release, staged, leases)
-                current = following
-        finally:
-            # Only a failure leaves a commit running (the last half commits inline): wait
-            # for it, so put_many never returns while a commit of ours still runs.
+                    writing = self._put_worker().submit(self._write_and_release, staged, leases)
+        except BaseException:
             if writing is not None:
-                futures_wait([writing])
+                futures_wait([writing])  # never return while a write of ours still runs
+                if writing.exception() is None:
+                    written.append(writing.result())
+            for placements, _records in written:
+                self._forget_puts(placements)
+            raise
+        self._make_durable(
+            ([p for placements, _ in written for p in placements],
+             [r for _, records in written for r in records])
+        )  # fmt: skip
 
     def _put_chunks(
         self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
@@ -599,9 +613,7 @@ class Store(Closeable):
         if chunk:
             yield chunk, chunk_parts
 
-    def _copy_in(
-        self, chunk: list[tuple[bytes, memoryview]], leases: list[Lease]
-    ) -> list[tuple[bytes, list[Lease], int, list[int] | None]]:
+    def _copy_in(self, chunk: list[tuple[bytes, memoryview]], leases: list[Lease]) -> list[Staged]:
         """Copies each value into its leases' payloads, checksumming as it goes."""
         staged = []
         for key, view in chunk:
@@ -620,17 +632,15 @@ class Store(Closeable):
         assert not leases
         return staged
 
-    def _commit_and_release(
-        self, staged: list[tuple[bytes, list[Lease], int, list[int] | None]], leases: list[Lease]
-    ) -> None:
+    def _write_and_release(self, staged: list[Staged], leases: list[Lease]) -> Written:
         try:
-            self._commit_staged(staged)
+            return self._write_staged(staged)
         finally:
             for lease in leases:
                 lease.release()
 
     def _put_worker(self) -> ThreadPoolExecutor:
-        """The thread that commits one half of a put_many while the caller copies the next
+        """The thread that writes one half of a put_many while the caller copies the next
         (with its own ring, like every thread)."""
         with self._rings_lock:
             if self._put_executor is None:
@@ -652,7 +662,8 @@ class Store(Closeable):
         payload_crcs: each part's crc32c, when the caller has computed them already."""
         try:
             self._check_key(key)
-            self._commit_staged([(key, lease._leases, lease.nbytes, payload_crcs)])
+            staged = [(key, lease._leases, lease.nbytes, payload_crcs)]
+            self._make_durable(self._write_staged(staged))
         finally:
             lease.release()
 
@@ -705,13 +716,10 @@ class Store(Closeable):
         if self._closed:
             raise CtxkvError("the store is closed")
 
-    def _commit_staged(
-        self, staged: list[tuple[bytes, list[Lease], int, list[int] | None]]
-    ) -> None:
-        """Writes staged values (key, buffers holding the payloads, length, payload CRCs
-        if the caller has them) and journals them."""
-        if not staged:
-            return
+    def _write_staged(self, staged: list[Staged]) -> Written:
+        """Allocates slots for staged values and writes them: nothing is visible until
+        _make_durable journals them. On failure their slots go back to the allocator."""
+        assert staged
         # Allocate and journal-plan under the lock; do the I/O outside it.
         placements = []
         records: list[Record] = []
@@ -764,6 +772,15 @@ class Store(Closeable):
                     )
                     row += 1
             self._run(ios)
+        except BaseException:
+            self._forget_puts(placements)
+            raise
+        return placements, records
+
+    def _make_durable(self, written: Written) -> None:
+        """Flushes what _write_staged wrote (strict), then journals it, making it visible."""
+        placements, records = written
+        try:
             if self.durability == STRICT:
                 self._flush(part[0] for p in placements for part in p[5])
             for _key, digest, sequence, nbytes, _leases, parts, _crcs in placements:
@@ -778,15 +795,18 @@ class Store(Closeable):
 
             self._journal.commit(records, apply)
         except BaseException:
-            # The write, the flush or the journal failed: these puts are not visible and
-            # their slots go back to the allocator (the evictions made room stay done).
-            with self._lock:
-                for *_, parts, _crcs in placements:
-                    for member, slot in parts:
-                        self._state.logs[member].release(slot)
-                self._counters["failed_puts"] += len(placements)
+            self._forget_puts(placements)
             raise
         self._discard_freed()
+
+    def _forget_puts(self, placements: list[tuple]) -> None:
+        """The write, the flush or the journal failed: these puts are not visible and
+        their slots go back to the allocator (the evictions that made room stay done)."""
+        with self._lock:
+            for *_, parts, _crcs in placements:
+                for member, slot in parts:
+                    self._state.logs[member].release(slot)
+            self._counters["failed_puts"] += len(placements)
 
     def _allocate(self, digest: bytes) -> tuple[Part, Eviction | None]:
         """A slot on the next member in turn, or on the one after it when every slot of
