@@ -7,7 +7,9 @@ the store has wrapped twice, and recovery time for a journal of 1 million record
 fio runs twice per round: plain (the device's cache speed) and with end_fsync=1 (the
 durable speed, what a strict put pays for). Before each write run the device is flushed,
 so no run pays for the dirty data of the one before. A read run repeats its region for
-READ_SECONDS: a single pass over 1 GiB takes ~0.4 s here, too short to trust. Writes
+READ_SECONDS: a single pass over 1 GiB takes ~0.4 s here, too short to trust. Engines
+alternate within each round (every other round in reverse order); each ratio is given as
+the ratio of medians and as the median of the rounds' own ratios. Writes
 bench/results/store_vs_fio.json.
 """
 
@@ -53,6 +55,23 @@ def flush(device: str) -> None:
         os.close(descriptor)
 
 
+def ratios(runs: dict[str, list[float]], baseline: str) -> dict:
+    """Each engine against baseline two ways: the ratio of medians, and the median of the
+    rounds' own ratios, which a host that slows down or speeds up mid-run moves less."""
+    suffix = "fio" if baseline == "fio" else baseline.replace(" ", "_")
+    base = runs[baseline]
+    return {
+        f"ratio_over_{suffix}": {
+            name: statistics.median(values) / statistics.median(base)
+            for name, values in runs.items()
+        },
+        f"median_round_ratio_over_{suffix}": {
+            name: statistics.median(v / b for v, b in zip(values, base, strict=True))
+            for name, values in runs.items()
+        },
+    }
+
+
 def bandwidth(device: str, rounds: int, size: int) -> dict:
     engines = {
         "fio": lambda job: run_fio(job),
@@ -68,7 +87,9 @@ def bandwidth(device: str, rounds: int, size: int) -> dict:
             job = replace(job, runtime_s=READ_SECONDS, time_based=True)
         runs: dict[str, list[float]] = {name: [] for name in engines}
         for round_index in range(rounds):
-            for name, run in engines.items():
+            # Every other round runs the engines in reverse, so none always follows another.
+            order = list(engines.items())[:: -1 if round_index % 2 else 1]
+            for name, run in order:
                 if rw == "read" and name in ("fio end_fsync", "ctxkv store relaxed"):
                     continue  # durability changes nothing for reads
                 if rw == "write":
@@ -79,15 +100,13 @@ def bandwidth(device: str, rounds: int, size: int) -> dict:
                     f"{rw} round {round_index + 1} {name}: {result.bw_bytes / MiB:.0f} MiB/s",
                     flush=True,
                 )
-        medians = {name: statistics.median(values) for name, values in runs.items() if values}
+        runs = {name: values for name, values in runs.items() if values}
         report[rw] = {
-            "median_bw_bytes": medians,
-            "ratio_over_fio": {name: value / medians["fio"] for name, value in medians.items()},
+            "median_bw_bytes": {name: statistics.median(values) for name, values in runs.items()},
+            **ratios(runs, "fio"),
         }
         if rw == "write":
-            report[rw]["ratio_over_fio_end_fsync"] = {
-                name: value / medians["fio end_fsync"] for name, value in medians.items()
-            }
+            report[rw].update(ratios(runs, "fio end_fsync"))
     return report
 
 
