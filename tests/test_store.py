@@ -166,6 +166,26 @@ def test_read_iter_closed_early_or_hoarded_gives_every_buffer_back(target_file):
             store.read_many(keys)
 
 
+def test_a_put_many_larger_than_a_journal_commit_or_the_store_goes_in_groups(target_file):
+    """A put_many is durable at once up to half the journal's blocks of records and a
+    quarter of the store's extents; past that it goes in groups, so one larger than the
+    whole store still succeeds, its later values evicting its earlier ones in log order."""
+    target = target_file(size_bytes=32 * MIB)
+    with Store.format([target], extent_size=EXTENT, pool_buffers=16) as store:
+        slots = store.stats()["slots"]
+        values = [(f"g{i}".encode(), value_of(i, 1 + i % EXTENT)) for i in range(slots + 100)]
+        commits = store.stats()["journal_commits"]
+        store.put_many(values)
+        assert store.stats()["journal_commits"] - commits >= 4
+        assert store.stats()["failed_puts"] == 0
+        for key, value in values[-slots // 2 :]:
+            assert store.get(key) == value
+        assert store.get(values[0][0]) is None  # evicted by the same call
+    with Store.open([target]) as again:
+        for key, value in values[-slots // 2 :]:
+            assert again.get(key) == value
+
+
 def test_eviction_is_fifo_with_second_chance_and_pins(target_file):
     target = target_file(size_bytes=16 * MIB)
     with Store.format([target], extent_size=1 * MIB) as store:

@@ -76,6 +76,14 @@ MIN_POOL_BUFFERS = 8
 Staged = tuple[bytes, list[Lease], int, list[int] | None]
 Written = tuple[list[tuple], list[Record]]
 
+
+def merge_written(written: list[Written]) -> Written:
+    return (
+        [placement for placements, _ in written for placement in placements],
+        [record for _, records in written for record in records],
+    )
+
+
 # Durability modes. strict: put returns once its extents and its journal record are on
 # stable media (two device flushes). relaxed: put returns once both are written, and a
 # flusher makes everything stable every flush_interval_ms, so a power loss forgets at
@@ -559,28 +567,42 @@ class Store(Closeable):
         copied into the pool and written, on a worker thread while the caller copies the
         next half; once every half is written, one flush and one journal commit make them
         all durable and visible at once, as fio's end_fsync makes a whole job durable. A
-        failure leaves none of them visible."""
+        failure leaves none of them visible. A call too large for one journal commit or
+        for a quarter of the store is made durable in groups that size, in order: a
+        failure then leaves the groups before it stored."""
         chunks = list(self._put_chunks(items))  # every key and size checked before a write
+        # A record fits a journal block, and a part adds at most a put and an eviction.
+        record_limit = max(1, self._journal.block_count // 2)
+        part_limit = max(1, sum(sb.slot_count for sb in self._superblocks) // 4)
+        group_parts = 0
         written: list[Written] = []
         writing: Future | None = None
+        leases: list[Lease] = []  # this half's, until a write takes them
         try:
             for chunk_index, (values, parts) in enumerate(chunks):
                 leases = self._pool.lease_many(parts, timeout=None)
-                try:
-                    staged = self._copy_in(values, leases)
-                except BaseException:
-                    for lease in leases:
-                        lease.release()
-                    raise
+                staged = self._copy_in(values, leases)
                 if writing is not None:
                     writing, earlier = None, writing
                     written.append(earlier.result())
-                if chunk_index == len(chunks) - 1:
+                if written and (
+                    group_parts + parts > part_limit or 2 * (group_parts + parts) > record_limit
+                ):
+                    written, group = [], written
+                    self._make_durable(merge_written(group))
+                    group_parts = 0
+                group_parts += parts
+                last = chunk_index == len(chunks) - 1
+                worker = None if last else self._put_worker()
+                taken, leases = leases, []
+                if worker is None:
                     # The last (often only) half is written here, saving a put a handoff.
-                    written.append(self._write_and_release(staged, leases))
+                    written.append(self._write_and_release(staged, taken))
                 else:
-                    writing = self._put_worker().submit(self._write_and_release, staged, leases)
+                    writing = worker.submit(self._write_and_release, staged, taken)
         except BaseException:
+            for lease in leases:
+                lease.release()
             if writing is not None:
                 futures_wait([writing])  # never return while a write of ours still runs
                 if writing.exception() is None:
@@ -588,10 +610,7 @@ class Store(Closeable):
             for placements, _records in written:
                 self._forget_puts(placements)
             raise
-        self._make_durable(
-            ([p for placements, _ in written for p in placements],
-             [r for _, records in written for r in records])
-        )  # fmt: skip
+        self._make_durable(merge_written(written))
 
     def _put_chunks(
         self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
