@@ -383,7 +383,6 @@ class RingStream:
         self.ios = ios
         self.results = np.zeros(len(ios), dtype=RESULT_DTYPE)
         self.ready = 0
-        self.finished = 0
         # The cdata objects keep the arrays' memory pinned for C while the run lives.
         self._ios_c = ffi.from_buffer(ios)
         self._results_c = ffi.from_buffer(self.results)
@@ -421,7 +420,6 @@ class RingStream:
         if finished < 0:
             raise native_error(finished, "io_uring_enter")
         assert wanted <= finished <= ready, (wanted, finished, ready)
-        self.finished = finished
         return finished
 
     def finish(self) -> None:
