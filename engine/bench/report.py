@@ -118,9 +118,14 @@ def describe_comparison(comparison: Comparison) -> str:
         if "values_per_call" in runs[0].extra
     }
     for engine, values in per_call.items():
+        measured = (
+            "the wait for each value of a read_iter stream"
+            if values is None
+            else f"that of a call of {values} values"
+        )
         lines.append(
-            f"note: {engine} latency is that of a call of {values} values (what its caller "
-            f"waits for), fio's that of one I/O: compare their bandwidth, not their latency."
+            f"note: {engine} latency is {measured} (what its caller waits for), fio's that "
+            f"of one I/O: compare their bandwidth, not their latency."
         )
     for engine, ratio in summary["ratio_over_fio"].items():
         latency = (
