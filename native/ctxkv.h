@@ -114,6 +114,30 @@ int ctxkv_ring_register_buffers(struct ctxkv_ring *ring, const uint64_t *addrs,
 /* Registers n files; chunk_bytes[i] is where I/O on file i is split (its max transfer). */
 int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
                               const uint32_t *chunk_bytes, uint32_t n);
+/* What I/O on a registered file must keep to: offsets, lengths and addresses multiples
+ * of block_bytes, nothing past capacity_bytes, no writes unless writable. */
+int ctxkv_ring_set_limits(struct ctxkv_ring *ring, uint32_t file_index, uint32_t block_bytes,
+                          uint64_t capacity_bytes, int writable);
+
+/* Why ctxkv_ring_check refuses an I/O. A run completes such an I/O with -EINVAL unsent. */
+enum ctxkv_io_problem {
+    CTXKV_IO_OK = 0,
+    CTXKV_IO_BAD_FILE,           /* file_index names no registered file */
+    CTXKV_IO_BAD_OPCODE,         /* an opcode or flag this ring does not know */
+    CTXKV_IO_BAD_EXTENT_CRC,     /* EXTENT_CRC on a write, or a read shorter than a header */
+    CTXKV_IO_READ_ONLY,          /* a write or fsync on a file that is not writable */
+    CTXKV_IO_MISALIGNED_OFFSET,  /* not a multiple of the file's block_bytes */
+    CTXKV_IO_MISALIGNED_LENGTH,
+    CTXKV_IO_MISALIGNED_ADDRESS,
+    CTXKV_IO_EMPTY,              /* a read or write of 0 bytes */
+    CTXKV_IO_PAST_END,           /* reaches past the file's capacity_bytes */
+    CTXKV_IO_NO_POOL,            /* names a registered buffer, but none are registered */
+    CTXKV_IO_OUTSIDE_BUFFER,     /* the bytes do not lie inside buffer buf_index */
+};
+/* The index of the first of ios[0..n) that would be refused, and why in *problem; n
+ * (and CTXKV_IO_OK) when every one is fine. */
+uint64_t ctxkv_ring_check(const struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
+                          uint32_t *problem);
 
 enum ctxkv_passthru_flags {
     /* Commands on registered buffers say so (IORING_URING_CMD_FIXED, Linux 6.1+), and the

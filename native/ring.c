@@ -23,6 +23,12 @@ struct ctxkv_ring {
     uint32_t nbuffers;
     uint32_t nfiles;
     uint32_t chunk_bytes[CTXKV_MAX_FILES];
+    /* What ctxkv_ring_check holds each I/O to (ctxkv_ring_set_limits). */
+    uint32_t block_bytes[CTXKV_MAX_FILES];
+    uint64_t capacity_bytes[CTXKV_MAX_FILES];
+    uint8_t writable[CTXKV_MAX_FILES];
+    uint64_t *buffer_addrs; /* the registered buffers, nbuffers of each */
+    uint64_t *buffer_bytes;
     /* NVMe passthrough files (ctxkv_ring_set_passthru): nsid 0 means a plain file. */
     uint32_t passthru_nsid[CTXKV_MAX_FILES];
     uint8_t passthru_lba_shift[CTXKV_MAX_FILES];
@@ -101,6 +107,8 @@ void ctxkv_ring_free(struct ctxkv_ring *ring)
         io_uring_unregister_buffers(&ring->uring);
     io_uring_queue_exit(&ring->uring);
     ctxkv_checksummer_stop(ring->checksummer);
+    free(ring->buffer_addrs);
+    free(ring->buffer_bytes);
     free(ring);
 }
 
@@ -125,17 +133,28 @@ int ctxkv_ring_register_buffers(struct ctxkv_ring *ring, const uint64_t *addrs,
     if (ring->nbuffers != 0 || n == 0 || n >= CTXKV_UNREGISTERED_BUFFER)
         return -EINVAL;
     struct iovec *iovecs = calloc(n, sizeof(*iovecs));
-    if (!iovecs)
-        return -ENOMEM;
-    for (uint32_t i = 0; i < n; i++) {
-        iovecs[i].iov_base = (void *)(uintptr_t)addrs[i];
-        iovecs[i].iov_len = nbytes[i];
+    uint64_t *buffer_addrs = malloc(n * sizeof(*buffer_addrs));
+    uint64_t *buffer_bytes = malloc(n * sizeof(*buffer_bytes));
+    int result = -ENOMEM;
+    if (iovecs && buffer_addrs && buffer_bytes) {
+        for (uint32_t i = 0; i < n; i++) {
+            iovecs[i].iov_base = (void *)(uintptr_t)addrs[i];
+            iovecs[i].iov_len = nbytes[i];
+        }
+        result = io_uring_register_buffers(&ring->uring, iovecs, n);
     }
-    int result = io_uring_register_buffers(&ring->uring, iovecs, n);
     free(iovecs);
-    if (result == 0)
-        ring->nbuffers = n;
-    return result;
+    if (result != 0) {
+        free(buffer_addrs);
+        free(buffer_bytes);
+        return result;
+    }
+    memcpy(buffer_addrs, addrs, n * sizeof(*addrs));
+    memcpy(buffer_bytes, nbytes, n * sizeof(*nbytes));
+    ring->buffer_addrs = buffer_addrs;
+    ring->buffer_bytes = buffer_bytes;
+    ring->nbuffers = n;
+    return 0;
 }
 
 int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
@@ -150,7 +169,24 @@ int ctxkv_ring_register_files(struct ctxkv_ring *ring, const int32_t *fds,
     if (result != 0)
         return result;
     memcpy(ring->chunk_bytes, chunk_bytes, n * sizeof(chunk_bytes[0]));
+    for (uint32_t i = 0; i < n; i++) {
+        /* Until ctxkv_ring_set_limits says otherwise: any aligned-to-nothing I/O goes. */
+        ring->block_bytes[i] = 1;
+        ring->capacity_bytes[i] = UINT64_MAX;
+        ring->writable[i] = 1;
+    }
     ring->nfiles = n;
+    return 0;
+}
+
+int ctxkv_ring_set_limits(struct ctxkv_ring *ring, uint32_t file_index, uint32_t block_bytes,
+                          uint64_t capacity_bytes, int writable)
+{
+    if (file_index >= ring->nfiles || block_bytes == 0)
+        return -EINVAL;
+    ring->block_bytes[file_index] = block_bytes;
+    ring->capacity_bytes[file_index] = capacity_bytes;
+    ring->writable[file_index] = writable ? 1 : 0;
     return 0;
 }
 
@@ -176,21 +212,56 @@ static uint32_t chunk_count(const struct ctxkv_ring *ring, const struct ctxkv_io
     return (io->nbytes + chunk - 1) / chunk;
 }
 
-static int io_is_valid(const struct ctxkv_ring *ring, const struct ctxkv_io *io)
+static enum ctxkv_io_problem io_problem(const struct ctxkv_ring *ring,
+                                        const struct ctxkv_io *io)
 {
     uint8_t kind = io->opcode & CTXKV_OP_MASK;
-    if (io->file_index >= ring->nfiles || kind > CTXKV_OP_FSYNC)
-        return 0;
-    if (io->opcode & ~(CTXKV_OP_MASK | CTXKV_OP_FLAG_EXTENT_CRC))
-        return 0;
+    if (io->file_index >= ring->nfiles)
+        return CTXKV_IO_BAD_FILE;
+    if (kind > CTXKV_OP_FSYNC || (io->opcode & ~(CTXKV_OP_MASK | CTXKV_OP_FLAG_EXTENT_CRC)))
+        return CTXKV_IO_BAD_OPCODE;
     if (io->opcode & CTXKV_OP_FLAG_EXTENT_CRC &&
         (kind != CTXKV_OP_READ || io->nbytes < CTXKV_EXTENT_HEADER_BYTES))
-        return 0;
+        return CTXKV_IO_BAD_EXTENT_CRC;
+    if (kind != CTXKV_OP_READ && !ring->writable[io->file_index])
+        return CTXKV_IO_READ_ONLY;
     if (kind == CTXKV_OP_FSYNC)
-        return 1;
+        return CTXKV_IO_OK;
+    uint64_t block = ring->block_bytes[io->file_index];
+    if (io->offset % block)
+        return CTXKV_IO_MISALIGNED_OFFSET;
+    if (io->nbytes % block)
+        return CTXKV_IO_MISALIGNED_LENGTH;
+    if (io->addr % block)
+        return CTXKV_IO_MISALIGNED_ADDRESS;
     if (io->nbytes == 0)
-        return 0;
-    return io->buf_index == CTXKV_UNREGISTERED_BUFFER || io->buf_index < ring->nbuffers;
+        return CTXKV_IO_EMPTY;
+    uint64_t capacity = ring->capacity_bytes[io->file_index];
+    if (io->offset > capacity || io->nbytes > capacity - io->offset)
+        return CTXKV_IO_PAST_END;
+    if (io->buf_index == CTXKV_UNREGISTERED_BUFFER)
+        return CTXKV_IO_OK;
+    if (ring->nbuffers == 0)
+        return CTXKV_IO_NO_POOL;
+    if (io->buf_index >= ring->nbuffers || io->addr < ring->buffer_addrs[io->buf_index] ||
+        io->addr - ring->buffer_addrs[io->buf_index] + io->nbytes >
+            ring->buffer_bytes[io->buf_index])
+        return CTXKV_IO_OUTSIDE_BUFFER;
+    return CTXKV_IO_OK;
+}
+
+uint64_t ctxkv_ring_check(const struct ctxkv_ring *ring, const struct ctxkv_io *ios, uint64_t n,
+                          uint32_t *problem)
+{
+    *problem = CTXKV_IO_OK;
+    for (uint64_t i = 0; i < n; i++) {
+        enum ctxkv_io_problem found = io_problem(ring, &ios[i]);
+        if (found != CTXKV_IO_OK) {
+            *problem = found;
+            return i;
+        }
+    }
+    return n;
 }
 
 static void prep_passthru_chunk(const struct ctxkv_ring *ring, struct io_uring_sqe *sqe,
@@ -319,7 +390,7 @@ static void queue_ios(struct ctxkv_run *run)
             r->submit_ns = ctxkv_monotonic_ns();
             r->complete_ns = r->submit_ns;
             r->payload_crc32c = 0;
-            if (!io_is_valid(ring, io)) {
+            if (io_problem(ring, io) != CTXKV_IO_OK) {
                 /* ios complete in order only as a prefix; an invalid one in the
                  * middle completes at once rather than stalling the prefix. */
                 r->result = -EINVAL;

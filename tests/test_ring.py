@@ -17,7 +17,7 @@ from engine.errors import (
     ShortTransferError,
 )
 from engine.io.buffers import BufferPool
-from engine.io.ring import UNREGISTERED_BUFFER, Op, Progress, Ring
+from engine.io.ring import EXTENT_CRC, UNREGISTERED_BUFFER, Op, Progress, Ring
 from engine.nvme.device import Device
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -119,9 +119,39 @@ def test_misaligned_offset_length_and_buffer_are_refused(ring_on_loop):
         ring.run(ios)
 
 
+def test_a_refused_io_is_named_with_what_is_wrong_and_nothing_runs(ring_on_loop):
+    ring, pool = ring_on_loop, ring_on_loop.pool
+    lease = pool.lease()
+    lease.array[:8] = 7
+    ok = describe(pool, [lease.index], [0], Op.WRITE, 4096)[0]
+    cases = [
+        ("file_index", 1, ValueError, "names file 1, but the ring has 1"),
+        ("opcode", 9, ValueError, "unknown opcode 9"),
+        ("opcode", Op.WRITE | EXTENT_CRC, ValueError, "EXTENT_CRC goes with reads"),
+        ("nbytes", 0, AlignmentError, "has length 0"),
+        ("buf_index", pool.count, OutOfRangeError, "inside pool buffer"),
+    ]
+    for field, value, error, message in cases:
+        ios = Ring.batch(2)
+        ios[:] = ok
+        ios[1][field] = value
+        with pytest.raises(error, match=f"I/O (1 )?.*{message}"):
+            ring.run(ios)
+    # Rows are checked before any is sent: the good first row was not written either.
+    check = describe(pool, [lease.index], [0], Op.READ, 4096)
+    lease.array[:8] = 0
+    ring.run(check)
+    assert not lease.array[:8].any()
+    lease.release()
+    with Ring(ring.devices) as bare:
+        with pytest.raises(ValueError, match="registered buffer, but the ring has no buffer pool"):
+            bare.run(describe(pool, [0], [0], Op.READ, 4096))
+
+
 def test_kernel_errors_come_back_as_errno_exceptions(ring_on_loop, monkeypatch):
-    # With the Python checks bypassed, the kernel itself must refuse, and the error must
-    # still name the device, the offset and the errno.
+    # With the Python checks bypassed, the run refuses in C what the kernel would (it
+    # never sends an I/O outside the rules), and the error must still name the device,
+    # the offset and the errno.
     ring, pool = ring_on_loop, ring_on_loop.pool
     monkeypatch.setattr(ring, "validate", lambda ios: None)
     with pytest.raises(DeviceIOError) as caught:

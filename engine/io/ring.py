@@ -132,10 +132,7 @@ class Ring(Closeable):
             lib.ctxkv_ring_free(self._ring)
             self._ring = ffi.NULL
             raise
-        geometries = [device.geometry for device in self.devices]
-        self._block_bytes = np.array([g.logical_block_bytes for g in geometries], dtype=np.uint64)
-        self._capacity_bytes = np.array([g.capacity_bytes for g in geometries], dtype=np.uint64)
-        self._writable = np.array([device.writable for device in self.devices], dtype=bool)
+        self._problem = ffi.new("uint32_t *")  # validate's out-parameter, made once
         self._stream: RingStream | None = None  # the C side allows one run at a time
 
     def _register(self, pool: BufferPool | None) -> None:
@@ -154,6 +151,12 @@ class Ring(Closeable):
         if result < 0:
             raise native_error(result, "io_uring_register_files")
         for file_index, device in enumerate(self.devices):
+            geometry = device.geometry
+            result = lib.ctxkv_ring_set_limits(
+                self._ring, file_index, geometry.logical_block_bytes, geometry.capacity_bytes,
+                1 if device.writable else 0,
+            )  # fmt: skip
+            assert result == 0, result
             if device.passthru is not None:
                 passthru = device.passthru
                 flags = lib.CTXKV_PASSTHRU_FIXED_BUFFERS if passthru.fixed_buffers else 0
@@ -245,74 +248,59 @@ class Ring(Closeable):
 
     def validate(self, ios: np.ndarray) -> None:
         """Refuses, naming the first bad I/O, what the kernel would fail or what would
-        touch memory outside the pool: cheaper to explain here than to decode an EINVAL."""
+        touch memory outside the pool: cheaper to explain here than to decode an EINVAL.
+        The checks run in C (a stream validates each value's rows as it goes)."""
         if len(ios) == 0:
             return
-        file_index = ios["file_index"]
-        bad = np.flatnonzero(file_index >= len(self.devices))
-        if len(bad):
-            raise ValueError(
-                f"I/O {bad[0]} names file {file_index[bad[0]]}, "
-                f"but the ring has {len(self.devices)}"
-            )
-        raw_opcode = ios["opcode"]
-        opcode = raw_opcode & OP_MASK
-        flags = raw_opcode & ~np.uint8(OP_MASK)
-        bad = np.flatnonzero((opcode > Op.FSYNC) | ((flags & ~np.uint8(EXTENT_CRC)) != 0))
-        if len(bad):
-            raise ValueError(f"I/O {bad[0]} has unknown opcode {raw_opcode[bad[0]]}")
-        bad = np.flatnonzero((flags != 0) & ((opcode != Op.READ) | (ios["nbytes"] < 4096)))
-        if len(bad):
-            raise ValueError(f"I/O {bad[0]}: EXTENT_CRC goes with reads of a whole extent header")
-        data = opcode != Op.FSYNC
-        offset, nbytes, addr = ios["offset"], ios["nbytes"].astype(np.uint64), ios["addr"]
-        block = self._block_bytes[file_index]
-        for what, values in (("offset", offset), ("length", nbytes), ("buffer address", addr)):
-            bad = np.flatnonzero(data & (values % block != 0))
-            if len(bad):
-                i = bad[0]
-                raise AlignmentError(
-                    f"I/O {i}: {what} {int(values[i])} is not a multiple of the logical block "
-                    f"size {int(block[i])} of {self.devices[file_index[i]].path}"
-                )
-        bad = np.flatnonzero(data & (nbytes == 0))
-        if len(bad):
-            raise AlignmentError(f"I/O {bad[0]} has length 0")
-        capacity = self._capacity_bytes[file_index]
-        bad = np.flatnonzero(data & (offset + nbytes > capacity))
-        if len(bad):
-            i = bad[0]
-            raise OutOfRangeError(
-                f"I/O {i}: {int(nbytes[i])} bytes at offset {int(offset[i])} reach past the end of "
-                f"{self.devices[file_index[i]].path} ({int(capacity[i])} bytes)"
-            )
-        bad = np.flatnonzero((opcode != Op.READ) & ~self._writable[file_index])
-        if len(bad):
-            raise ReadOnlyDeviceError(
-                f"I/O {bad[0]} writes to {self.devices[file_index[bad[0]]].path}, opened read-only"
-            )
-        self._validate_buffers(ios[data])
-
-    def _validate_buffers(self, ios: np.ndarray) -> None:
-        registered = ios["buf_index"] != UNREGISTERED_BUFFER
-        if not registered.any():
-            return
-        if self.pool is None:
-            raise ValueError("I/O names a registered buffer, but the ring has no buffer pool")
-        buf_index = ios["buf_index"][registered].astype(np.uint64)
-        addr = ios["addr"][registered]
-        end = addr + ios["nbytes"][registered]
-        pool = self.pool
-        start = pool.arena_address + buf_index * pool.buffer_bytes
-        bad = np.flatnonzero(
-            (buf_index >= pool.count) | (addr < start) | (end > start + pool.buffer_bytes)
+        problem = self._problem
+        index = lib.ctxkv_ring_check(
+            self._ring, ffi.cast("struct ctxkv_io *", ffi.from_buffer(ios)), len(ios), problem
         )
-        if len(bad):
-            i = bad[0]
-            raise OutOfRangeError(
-                f"I/O of {int(end[i] - addr[i])} bytes at address {int(addr[i]):#x} does not lie "
-                f"inside pool buffer {int(buf_index[i])} ({pool.buffer_bytes} bytes)"
+        if index < len(ios):
+            raise self._refusal(int(index), ios[index], problem[0])
+
+    def _refusal(self, index: int, io: np.void, problem: int) -> Exception:
+        """The error for I/O number index, which ctxkv_ring_check refused for problem."""
+        file_index, opcode = int(io["file_index"]), int(io["opcode"])
+        offset, nbytes, addr = int(io["offset"]), int(io["nbytes"]), int(io["addr"])
+        if problem == lib.CTXKV_IO_BAD_FILE:
+            return ValueError(
+                f"I/O {index} names file {file_index}, but the ring has {len(self.devices)}"
             )
+        if problem == lib.CTXKV_IO_BAD_OPCODE:
+            return ValueError(f"I/O {index} has unknown opcode {opcode}")
+        if problem == lib.CTXKV_IO_BAD_EXTENT_CRC:
+            return ValueError(f"I/O {index}: EXTENT_CRC goes with reads of a whole extent header")
+        path = self.devices[file_index].path
+        if problem == lib.CTXKV_IO_READ_ONLY:
+            return ReadOnlyDeviceError(f"I/O {index} writes to {path}, opened read-only")
+        geometry = self.devices[file_index].geometry
+        misaligned = {
+            lib.CTXKV_IO_MISALIGNED_OFFSET: ("offset", offset),
+            lib.CTXKV_IO_MISALIGNED_LENGTH: ("length", nbytes),
+            lib.CTXKV_IO_MISALIGNED_ADDRESS: ("buffer address", addr),
+        }
+        if problem in misaligned:
+            what, value = misaligned[problem]
+            return AlignmentError(
+                f"I/O {index}: {what} {value} is not a multiple of the logical block "
+                f"size {geometry.logical_block_bytes} of {path}"
+            )
+        if problem == lib.CTXKV_IO_EMPTY:
+            return AlignmentError(f"I/O {index} has length 0")
+        if problem == lib.CTXKV_IO_PAST_END:
+            return OutOfRangeError(
+                f"I/O {index}: {nbytes} bytes at offset {offset} reach past the end of "
+                f"{path} ({geometry.capacity_bytes} bytes)"
+            )
+        if problem == lib.CTXKV_IO_NO_POOL:
+            return ValueError("I/O names a registered buffer, but the ring has no buffer pool")
+        assert problem == lib.CTXKV_IO_OUTSIDE_BUFFER, problem
+        assert self.pool is not None
+        return OutOfRangeError(
+            f"I/O of {nbytes} bytes at address {addr:#x} does not lie inside pool buffer "
+            f"{int(io['buf_index'])} ({self.pool.buffer_bytes} bytes)"
+        )
 
     def raise_first_error(self, ios: np.ndarray, results: np.ndarray) -> None:
         data = (ios["opcode"] & OP_MASK) != Op.FSYNC
