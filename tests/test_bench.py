@@ -120,6 +120,27 @@ def test_store_mode_puts_then_streams_every_value(target_file, runtime):
         assert section["bw_bytes"] > 0 and section["lat_ns"]["percentile"]["50.000000"] > 0
 
 
+def test_store_mode_puts_as_many_values_per_call_as_asked(target_file):
+    """--values-per-call sets put_many's batch, each call one journal commit: 32 values in
+    calls of 8 are 4 commits, in one call of them all 1 (fio end_fsync's granularity: the
+    store is over four times the job, so the call is not split into groups)."""
+    target = target_file(size_bytes=192 * MIB)
+    for per_call, commits in (("8", 4), ("32", 1)):
+        completed = ctxkv(
+            "bench", "--mode", "store", "--rw", "write", "--bs", "1M", "--iodepth", "4",
+            "--size", "32M", "--values-per-call", per_call, "--output-format", "json", target,
+        )  # fmt: skip
+        [job] = json.loads(completed.stdout)["jobs"]
+        assert job["write"]["io_bytes"] == 32 * MIB
+        assert job["ctxkv"]["values_per_call"] == int(per_call)
+        assert job["ctxkv"]["journal_commits"] == commits
+    refused = ctxkv(
+        "bench", "--mode", "store", "--rw", "write", "--size", "32M", "--values-per-call", "0",
+        target, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "values per call must be positive" in refused.stderr
+
+
 def test_numjobs_and_several_targets(loop_device, target_file):
     targets = [loop_device(size_bytes=16 * MIB), target_file(size_bytes=16 * MIB)]
     completed = ctxkv(

@@ -78,11 +78,11 @@ def test_eio_on_a_write_fails_that_put_and_nothing_else(faulty_store, what):
         assert again.get(b"c") == b"C" * 7000
 
 
-def test_a_put_many_that_fails_in_its_third_half_stores_none_of_it(tmp_path):
-    """put_many writes half a pool at a time, then flushes and journals them all at once:
-    when the third half's write fails, none of its values is visible, now or after a
-    reopen, their slots go back to the allocator, and a key put twice in one earlier
-    put_many keeps its later value."""
+def test_a_put_many_whose_ninth_write_fails_stores_none_of_it(tmp_path):
+    """put_many streams its values' writes through a pool of 8 buffers, then flushes and
+    journals them all at once: when the ninth value's write fails, none of its 12 values
+    is visible, now or after a reopen, each counts as a failed put, their slots go back
+    to the allocator, and a key put twice in one earlier put_many keeps its later value."""
     target = str(tmp_path / "store.img")
     with open(target, "wb") as file:
         file.truncate(64 * MIB)
@@ -90,17 +90,17 @@ def test_a_put_many_that_fails_in_its_third_half_stores_none_of_it(tmp_path):
     device = FaultInjectionTestDevice(seed=2)
     values = [(f"k{i % 9}".encode(), bytes([i]) * (EXTENT - i)) for i in range(12)]
     with Store.open([target], ring_factory=device.ring_factory, pool_buffers=8) as store:
-        store.put_many(values)  # halves of 4 values: three of them
+        store.put_many(values)  # more values than the pool has buffers
         for key, value in values[3:]:  # k0..k2 were put twice; the later value won
             assert store.get(key) == value
         data_writes = []
 
-        def fail_third_half(op: str, member: int, offset: int, nbytes: int) -> bool:
+        def fail_ninth_write(op: str, member: int, offset: int, nbytes: int) -> bool:
             if op == "write" and nbytes > 4096:
                 data_writes.append(offset)
             return len(data_writes) > 8 and op == "write" and nbytes > 4096
 
-        device.fail_io = fail_third_half
+        device.fail_io = fail_ninth_write
         renamed = [(f"new-{i}".encode(), value) for i, (_, value) in enumerate(values)]
         free_before = store.stats()["slots_free"]
         with pytest.raises(DeviceIOError):

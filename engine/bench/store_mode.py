@@ -3,8 +3,10 @@ of one extent (bs) through engine.Store, one thread per job, with the store keep
 iodepth I/Os in flight (its queue_depth) so the device sees fio's iodepth. Gets stream
 every value through one read_iter per pass, as an inference engine's get of a whole
 prefix would; a get's latency is the caller's wait for each value. Puts go in
-put_many calls of BATCH_PER_DEPTH * iodepth values; a put's latency is its call's.
-Formats the targets: everything on them is lost."""
+put_many calls of BATCH_PER_DEPTH * iodepth values unless told otherwise, each call
+durable as a whole when it returns (a call of every value of a size-based job is durable
+once, at its end, as fio's end_fsync job is); a put's latency is its call's. Formats the
+targets: everything on them is lost."""
 
 from __future__ import annotations
 
@@ -54,8 +56,16 @@ def read_stream(
 
 
 def run_store(
-    job: Job, on_progress: ProgressCallback | None = None, durability: str = STRICT
+    job: Job,
+    on_progress: ProgressCallback | None = None,
+    durability: str = STRICT,
+    values_per_call: int | None = None,
 ) -> RunResult:
+    """values_per_call: put_many's batch for write jobs (default BATCH_PER_DEPTH * iodepth)."""
+    if values_per_call is None:
+        values_per_call = BATCH_PER_DEPTH * job.iodepth
+    if values_per_call <= 0:
+        raise ValueError(f"values per call must be positive, got {values_per_call}")
     store = Store.format(
         job.targets, extent_size=job.block_bytes, force=True,
         pool_buffers=BATCH_PER_DEPTH * job.iodepth * job.numjobs + 2, durability=durability,
@@ -97,7 +107,7 @@ def run_store(
                         if not job.time_based or (deadline_ns and ended >= deadline_ns):
                             break
                         continue
-                    batch = mine[position : position + BATCH_PER_DEPTH * job.iodepth]
+                    batch = mine[position : position + values_per_call]
                     began = monotonic_ns()
                     store.put_many([(key, value) for key in batch])
                     ended = monotonic_ns()
@@ -144,7 +154,7 @@ def run_store(
             sys_cpu_ns=sum(o[5] for o in outcomes),
             extra={
                 "values": count,
-                "values_per_call": None if job.is_read else BATCH_PER_DEPTH * job.iodepth,
+                "values_per_call": None if job.is_read else min(values_per_call, count),
                 "durability": durability,
                 "journal_commits": stats["journal_commits"],
                 "pool_backing": stats["pool_backing"],

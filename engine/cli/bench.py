@@ -42,6 +42,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=STRICT,
         help="store mode: flush on every put (strict) or on a timer (relaxed)",
     )
+    parser.add_argument(
+        "--values-per-call",
+        type=int,
+        default=None,
+        metavar="N",
+        help="store mode, write jobs: values per put_many call, each call durable as a whole "
+        "(default 8 x iodepth); size/bs or more puts the whole job in one call, durable once "
+        "at its end, as fio's end_fsync makes its job durable",
+    )
     parser.add_argument("--rw", choices=RW_MODES, default="read")
     parser.add_argument("--bs", type=parse_size, default=4 << 20, help="block size (4k, 4M)")
     parser.add_argument("--iodepth", type=int, default=8)
@@ -129,7 +138,10 @@ def run(arguments: argparse.Namespace) -> int:
             sys.stderr.write("\r\033[K")
 
     def store_runner(job: Job, on_progress: ProgressCallback | None) -> RunResult:
-        return run_store(job, on_progress, durability=arguments.durability)
+        return run_store(
+            job, on_progress, durability=arguments.durability,
+            values_per_call=arguments.values_per_call,
+        )  # fmt: skip
 
     runner = store_runner if arguments.mode == "store" else run_raw
     if not arguments.compare_fio:

@@ -15,8 +15,6 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 
 import numpy as np
 
@@ -27,6 +25,7 @@ from engine.errors import CtxkvError, PoolExhaustedError
 from engine.index import key_digest, key_digests
 from engine.io.buffers import BufferPool, Lease, aligned_array
 from engine.io.ring import EXTENT_CRC, UNREGISTERED_BUFFER, Op, Ring
+from engine.io.writes import WriteStream
 from engine.journal.journal import Journal, replay
 from engine.nvme.device import Device
 from engine.nvme.passthru import AUTO
@@ -70,7 +69,7 @@ DEFAULT_POOL_BYTES = 256 << 20
 MIN_POOL_BUFFERS = 8
 
 # A value ready to write: key, the pool buffers holding its payloads, its length, and its
-# payloads' CRCs when the caller has them. _write_staged hands _make_durable each value's
+# payloads' CRCs when the caller has them. _place hands _make_durable each value's
 # placement (key, digest, sequence, length, buffers, parts, CRCs) and the journal records
 # of the evictions that made room.
 Staged = tuple[bytes, list[Lease], int, list[int] | None]
@@ -226,7 +225,6 @@ class Store(Closeable):
         self._ring_factory = ring_factory
         self._rings: list[Ring] = []
         self._rings_lock = threading.Lock()
-        self._put_executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # state, allocation, sequence numbers
         self._closed = False
         self._member_cursor = 0
@@ -447,9 +445,6 @@ class Store(Closeable):
 
     def _release_memory(self) -> None:
         with self._rings_lock:
-            if self._put_executor is not None:
-                self._put_executor.shutdown(wait=True)
-                self._put_executor = None
             for ring in self._rings:
                 ring.close()
             self._rings.clear()
@@ -563,110 +558,80 @@ class Store(Closeable):
         self.put_many([(key, value)])
 
     def put_many(self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
-        """Stores several values, durable together. Half a pool of extents at a time is
-        copied into the pool and written, on a worker thread while the caller copies the
-        next half; once every half is written, one flush and one journal commit make them
-        all durable and visible at once, as fio's end_fsync makes a whole job durable. A
+        """Stores several values, durable together. Each value is copied into pool
+        buffers and its writes handed to one ring stream at once, so the device writes
+        earlier values (queue_depth extents in flight) while the caller copies later ones;
+        once every value is written, one flush and one journal commit make them all
+        durable and visible at once, as fio's end_fsync makes a whole job durable. A
         failure leaves none of them visible. A call too large for one journal commit or
         for a quarter of the store is made durable in groups that size, in order: a
         failure then leaves the groups before it stored."""
-        chunks = list(self._put_chunks(items))  # every key and size checked before a write
+        values = list(self._checked_values(items))  # every key and size before a write
         # A record fits a journal block, and a part adds at most a put and an eviction.
         record_limit = max(1, self._journal.block_count // 2)
         part_limit = max(1, sum(sb.slot_count for sb in self._superblocks) // 4)
+        group: list[Written] = []  # placed since the last durable group
         group_parts = 0
-        written: list[Written] = []
-        writing: Future | None = None
-        leases: list[Lease] = []  # this half's, until a write takes them
-        try:
-            for chunk_index, (values, parts) in enumerate(chunks):
-                leases = self._pool.lease_many(parts, timeout=None)
-                staged = self._copy_in(values, leases)
-                if writing is not None:
-                    writing, earlier = None, writing
-                    written.append(earlier.result())
-                if written and (
-                    group_parts + parts > part_limit or 2 * (group_parts + parts) > record_limit
-                ):
-                    written, group = [], written
-                    self._make_durable(merge_written(group))
-                    group_parts = 0
-                group_parts += parts
-                last = chunk_index == len(chunks) - 1
-                worker = None if last else self._put_worker()
-                taken, leases = leases, []
-                if worker is None:
-                    # The last (often only) half is written here, saving a put a handoff.
-                    written.append(self._write_and_release(staged, taken))
-                else:
-                    writing = worker.submit(self._write_and_release, staged, taken)
-        except BaseException:
-            for lease in leases:
-                lease.release()
-            if writing is not None:
-                futures_wait([writing])  # never return while a write of ours still runs
-                if writing.exception() is None:
-                    written.append(writing.result())
-            for placements, _records in written:
-                self._forget_puts(placements)
-            raise
-        self._make_durable(merge_written(written))
+        leases: list[Lease] = []  # the value being copied, until the stream takes them
+        ios = Ring.batch(sum(parts for _key, _view, parts in values))
+        with (
+            self._borrowed_ring() as ring,
+            WriteStream(ring, ios, self.queue_depth, self._pool) as writes,
+        ):
+            placed = 0
+            try:
+                for key, view, parts in values:
+                    if group and (
+                        group_parts + parts > part_limit or 2 * (group_parts + parts) > record_limit
+                    ):
+                        writes.wait_all()
+                        done, group, group_parts = merge_written(group), [], 0
+                        self._make_durable(done)
+                    leases = writes.lease(parts)
+                    crcs = self._copy_in(view, leases)
+                    written = self._place((key, leases, len(view), crcs))
+                    group.append(written)
+                    placed += 1
+                    group_parts += parts
+                    [placement] = written[0]
+                    self._fill_writes(placement, writes.next_rows(parts))
+                    taken, leases = leases, []
+                    writes.hand_over(taken)
+                writes.wait_all()
+            except BaseException:
+                for lease in leases:
+                    lease.release()
+                writes.close()  # before the slots go back: a write may still be landing
+                for placements, _records in group:
+                    self._forget_puts(placements)
+                with self._lock:
+                    self._counters["failed_puts"] += len(values) - placed  # never placed
+                raise
+        if group:
+            self._make_durable(merge_written(group))
 
-    def _put_chunks(
+    def _checked_values(
         self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
-    ) -> Iterator[tuple[list[tuple[bytes, memoryview]], int]]:
-        """(values, extents they take), at most half a pool of extents at a time (or one
-        value, however large), checking each key and size on the way."""
-        limit = max(1, self._pool.count // 2)
-        chunk: list[tuple[bytes, memoryview]] = []
-        chunk_parts = 0
+    ) -> Iterator[tuple[bytes, memoryview, int]]:
+        """(key, bytes, extents they take) for each item, checking each key and size."""
         for key, value in items:
             self._check_key(key)
             view = memoryview(value).cast("B")
-            parts = self._part_count(len(view))
-            if chunk and chunk_parts + parts > limit:
-                yield chunk, chunk_parts
-                chunk, chunk_parts = [], 0
-            chunk.append((key, view))
-            chunk_parts += parts
-        if chunk:
-            yield chunk, chunk_parts
+            yield key, view, self._part_count(len(view))
 
-    def _copy_in(self, chunk: list[tuple[bytes, memoryview]], leases: list[Lease]) -> list[Staged]:
-        """Copies each value into its leases' payloads, checksumming as it goes."""
-        staged = []
-        for key, view in chunk:
-            value_leases = leases[: self._part_count(len(view))]
-            leases = leases[len(value_leases) :]
-            crcs = []
-            # Released at once: a buffer still exported from a memoryview that a
-            # traceback cycle keeps alive crashes CPython's collector when it frees both.
-            with ffi.from_buffer(view) as source:
-                for part_index, lease in enumerate(value_leases):
-                    start = part_index * self.extent_bytes
-                    nbytes = min(self.extent_bytes, len(view) - start)
-                    payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
-                    crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
-            staged.append((key, value_leases, len(view), crcs))
-        assert not leases
-        return staged
-
-    def _write_and_release(self, staged: list[Staged], leases: list[Lease]) -> Written:
-        try:
-            return self._write_staged(staged)
-        finally:
-            for lease in leases:
-                lease.release()
-
-    def _put_worker(self) -> ThreadPoolExecutor:
-        """The thread that writes one half of a put_many while the caller copies the next
-        (with its own ring, like every thread)."""
-        with self._rings_lock:
-            if self._put_executor is None:
-                if self._closed:
-                    raise CtxkvError("the store is closed")
-                self._put_executor = ThreadPoolExecutor(1, thread_name_prefix="ctxkv-put")
-            return self._put_executor
+    def _copy_in(self, view: memoryview, leases: list[Lease]) -> list[int]:
+        """Copies a value into its leases' payloads; each payload's crc32c, computed on
+        the way."""
+        crcs = []
+        # Released at once: a buffer still exported from a memoryview that a traceback
+        # cycle keeps alive crashes CPython's collector when it frees both.
+        with ffi.from_buffer(view) as source:
+            for part_index, lease in enumerate(leases):
+                start = part_index * self.extent_bytes
+                nbytes = min(self.extent_bytes, len(view) - start)
+                payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
+                crcs.append(lib.ctxkv_copy_crc32c(payload, source + start, nbytes))
+        return crcs
 
     def reserve(self, nbytes: int) -> ValueLease:
         """Pool buffers to fill with a value of nbytes, then hand to commit(): zero-copy put."""
@@ -681,8 +646,16 @@ class Store(Closeable):
         payload_crcs: each part's crc32c, when the caller has computed them already."""
         try:
             self._check_key(key)
-            staged = [(key, lease._leases, lease.nbytes, payload_crcs)]
-            self._make_durable(self._write_staged(staged))
+            written = self._place((key, lease._leases, lease.nbytes, payload_crcs))
+            try:
+                [placement] = written[0]
+                ios = Ring.batch(len(lease._leases))
+                self._fill_writes(placement, ios)
+                self._run(ios)
+            except BaseException:
+                self._forget_puts(written[0])
+                raise
+            self._make_durable(written)
         finally:
             lease.release()
 
@@ -735,69 +708,53 @@ class Store(Closeable):
         if self._closed:
             raise CtxkvError("the store is closed")
 
-    def _write_staged(self, staged: list[Staged]) -> Written:
-        """Allocates slots for staged values and writes them: nothing is visible until
-        _make_durable journals them. On failure their slots go back to the allocator."""
-        assert staged
-        # Allocate and journal-plan under the lock; do the I/O outside it.
-        placements = []
+    def _place(self, staged: Staged) -> Written:
+        """Allocates slots for a staged value: nothing is visible until _make_durable
+        journals it. Evicts (and records the evictions) to make room."""
+        key, leases, nbytes, crcs = staged
+        digest = key_digest(bytes(key))
         records: list[Record] = []
         with self._lock:
-            allocated: list[Part] = []
+            sequence = self._next_sequence
+            self._next_sequence += 1
+            parts: list[Part] = []
             try:
-                for key, leases, nbytes, crcs in staged:
-                    digest = key_digest(bytes(key))
-                    sequence = self._next_sequence
-                    self._next_sequence += 1
-                    parts = []
-                    for _ in leases:
-                        part, eviction = self._allocate(digest)
-                        allocated.append(part)
-                        if eviction is not None:
-                            self._state.apply_evict(eviction)
-                            records.append(self._evict_record(eviction))
-                        parts.append(part)
-                    placements.append((key, digest, sequence, nbytes, leases, tuple(parts), crcs))
+                for _ in leases:
+                    part, eviction = self._allocate(digest)
+                    parts.append(part)
+                    if eviction is not None:
+                        self._state.apply_evict(eviction)
+                        records.append(self._evict_record(eviction))
             except StoreFullError:
-                for member, slot in allocated:
+                for member, slot in parts:
                     self._state.logs[member].release(slot)
                 raise
-        try:
-            ios = Ring.batch(sum(len(p[4]) for p in placements))
-            row = 0
-            for key, digest, sequence, nbytes, leases, parts, crcs in placements:
-                for part_index, (lease, part) in enumerate(zip(leases, parts, strict=True)):
-                    payload_bytes = self._payload_bytes(nbytes, part_index)
-                    if crcs is None:
-                        payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
-                        payload_crc = lib.ctxkv_crc32c(0, payload, payload_bytes)
-                    else:
-                        payload_crc = crcs[part_index]
-                    header = ExtentHeader(
-                        self.store_uuid, sequence, nbytes, payload_bytes, payload_crc,
-                        part_index, len(parts), digest, bytes(key),
-                    )  # fmt: skip
-                    lease.memoryview[:EXTENT_HEADER_BYTES] = header.pack()
-                    write_bytes = (
-                        EXTENT_HEADER_BYTES + -(-payload_bytes // BLOCK_BYTES) * BLOCK_BYTES
-                    )
-                    ios[row] = (
-                        self._slot_offset(part),
-                        lease.address,
-                        write_bytes,
-                        lease.index,
-                        part[0],
-                        Op.WRITE,
-                    )
-                    row += 1
-            self._run(ios)
-        except BaseException:
-            self._forget_puts(placements)
-            raise
-        return placements, records
+        return [(key, digest, sequence, nbytes, leases, tuple(parts), crcs)], records
+
+    def _fill_writes(self, placement: tuple, ios: np.ndarray) -> None:
+        """Seals each part's extent header into its buffer and describes its write in ios."""
+        key, digest, sequence, nbytes, leases, parts, crcs = placement
+        assert len(ios) == len(leases) == len(parts)
+        for part_index, (lease, part) in enumerate(zip(leases, parts, strict=True)):
+            payload_bytes = self._payload_bytes(nbytes, part_index)
+            if crcs is None:
+                payload = ffi.cast("char *", lease.address + EXTENT_HEADER_BYTES)
+                payload_crc = lib.ctxkv_crc32c(0, payload, payload_bytes)
+            else:
+                payload_crc = crcs[part_index]
+            header = ExtentHeader(
+                self.store_uuid, sequence, nbytes, payload_bytes, payload_crc,
+                part_index, len(parts), digest, bytes(key),
+            )  # fmt: skip
+            lease.memoryview[:EXTENT_HEADER_BYTES] = header.pack()
+            write_bytes = EXTENT_HEADER_BYTES + round_up(payload_bytes, BLOCK_BYTES)
+            ios[part_index] = (
+                self._slot_offset(part), lease.address, write_bytes, lease.index, part[0], Op.WRITE,
+            )  # fmt: skip
 
     def _make_durable(self, written: Written) -> None:
-        """Flushes what _write_staged wrote (strict), then journals it, making it visible."""
+        """Flushes what was written for placements (strict), then journals them, making
+        them visible."""
         placements, records = written
         try:
             if self.durability == STRICT:
