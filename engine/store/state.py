@@ -96,9 +96,21 @@ class StoreState:
 
     def locate(self, digest: bytes, *, mark_referenced: bool = False) -> Located | None:
         found = self.index.get(digest, or_meta=FLAG_REFERENCED if mark_referenced else 0)
-        if found is None:
-            return None
-        location, meta = found
+        return None if found is None else self._located(digest, *found)
+
+    def locate_many(
+        self, digests: Sequence[bytes], *, mark_referenced: bool = False
+    ) -> list[Located | None]:
+        """locate() for many digests in one probe of the index."""
+        if not digests:
+            return []
+        found, locations, metas = self.index.lookup_many(
+            digest_array(digests), or_meta=FLAG_REFERENCED if mark_referenced else 0
+        )
+        rows = zip(digests, found.tolist(), locations.tolist(), metas.tolist(), strict=True)
+        return [self._located(d, where, meta) if hit else None for d, hit, where, meta in rows]
+
+    def _located(self, digest: bytes, location: int, meta: int) -> Located:
         part_count = meta_part_count(meta)
         parts = self.multi_parts[digest] if part_count > 1 else (decode_location(location),)
         assert len(parts) == part_count, (digest.hex(), parts, part_count)

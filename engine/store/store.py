@@ -963,15 +963,17 @@ class Store(Closeable):
             return lease.nbytes
 
     def _plan_reads(self, keys: Sequence[bytes]) -> list[tuple[bytes, bytes, Located] | None]:
-        plans: list[tuple[bytes, bytes, Located] | None] = []
+        for key in keys:
+            self._check_key(key)
+        keys = [bytes(key) for key in keys]
+        digests = [key_digest(key) for key in keys]
         with self._lock:
-            for key in keys:
-                self._check_key(key)
-                digest = key_digest(bytes(key))
-                located = self._state.locate(digest, mark_referenced=True)
-                plans.append((bytes(key), digest, located) if located else None)
+            located = self._state.locate_many(digests, mark_referenced=True)
             self._counters["gets"] += len(keys)
-        return plans
+        return [
+            (key, digest, where) if where else None
+            for key, digest, where in zip(keys, digests, located, strict=True)
+        ]
 
     def _read_stream(
         self, plans: list[tuple[bytes, bytes, Located] | None]
