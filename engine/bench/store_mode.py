@@ -96,15 +96,18 @@ def run_store(
                 usr0, sys0 = thread_cpu_ns()
                 start_ns = monotonic_ns()
                 position = 0
+                last_value_ns = 0
                 while True:
                     if job.is_read:
                         # A time-based job streams its keys over and over through one
                         # read_iter, as fio wraps around its region, rather than draining
                         # the queue at the end of every pass.
                         passes = -(-TIME_BASED_STREAM_VALUES // len(mine)) if job.time_based else 1
-                        done, ended = read_stream(store, mine * passes, latencies, deadline_ns)
+                        done, last_value_ns = read_stream(
+                            store, mine * passes, latencies, deadline_ns
+                        )
                         done_bytes[index] += done * job.block_bytes
-                        if not job.time_based or (deadline_ns and ended >= deadline_ns):
+                        if not job.time_based or (deadline_ns and last_value_ns >= deadline_ns):
                             break
                         continue
                     batch = mine[position : position + values_per_call]
@@ -120,7 +123,10 @@ def run_store(
                         position = 0
                     if deadline_ns and ended >= deadline_ns:
                         break
-                end_ns = monotonic_ns()
+                # A read's clock stops at the last value delivered: what the stream read
+                # ahead past the deadline is waited for and given back unread, where fio
+                # counts the bytes of the I/O it drains as well as their time.
+                end_ns = last_value_ns if job.is_read else monotonic_ns()
                 usr1, sys1 = thread_cpu_ns()
                 lat_ns = np.array(latencies, dtype=np.int64)
                 outcomes.append(
