@@ -186,6 +186,29 @@ def test_a_put_many_larger_than_a_journal_commit_or_the_store_goes_in_groups(tar
             assert again.get(key) == value
 
 
+def test_a_put_many_checks_every_key_and_size_before_writing_any(target_file):
+    """A bad key or an oversized value late in a put_many (a generator, here) refuses the
+    whole call before a byte is written; a put_many of nothing commits nothing."""
+    target = target_file(size_bytes=32 * MIB)
+    with Store.format([target], extent_size=EXTENT, pool_buffers=8) as store:
+        commits = store.stats()["journal_commits"]
+        store.put_many([])
+        store.put_many(iter([]))
+        assert store.stats()["journal_commits"] == commits
+        good = [(f"ok{i}".encode(), value_of(i, EXTENT)) for i in range(12)]
+        for bad, error in (
+            ((b"", b"x"), ValueError),
+            (("text", b"x"), TypeError),
+            ((b"huge", bytes(9 * EXTENT)), ValueTooLargeError),
+        ):
+            with pytest.raises(error):
+                store.put_many(item for item in [*good, bad])
+            assert all(store.get(key) is None for key, _ in good)
+        stats = store.stats()
+        assert stats["journal_commits"] == commits and stats["bytes_put"] == 0
+        assert store.pool_leased == 0
+
+
 def test_eviction_is_fifo_with_second_chance_and_pins(target_file):
     target = target_file(size_bytes=16 * MIB)
     with Store.format([target], extent_size=1 * MIB) as store:
