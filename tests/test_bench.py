@@ -7,10 +7,14 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from engine.bench.compare import Comparison
 from engine.bench.fio import fio_arguments
 from engine.bench.job import Job, format_size, parse_size
+from engine.bench.report import comparison_json, describe_comparison
+from engine.bench.result import RunResult
 
 MIB = 1 << 20
 CTXKV = [sys.executable, "-m", "engine.cli.main"]
@@ -193,6 +197,30 @@ def test_compare_fio_interleaves_and_reports_ratios(loop_device):
     median_ctxkv = report["comparison"]["median"]["ctxkv"]["bw_bytes"]
     assert ratio == pytest.approx(median_ctxkv / median_fio)
     assert report["fio version"].startswith("fio-")
+
+
+def test_a_ratio_over_a_fio_figure_of_zero_is_none_not_nan():
+    """A short fio run often reports 0% user CPU: the comparison has no ratio for it
+    (JSON null, "n/a" in text) rather than a NaN that strict JSON readers refuse."""
+    job = Job(targets=("/dev/null",), rw="read", size_bytes=4 << 20)
+
+    def result(engine: str, usr_cpu_ns: int) -> RunResult:
+        return RunResult.from_latencies(
+            engine=engine, direction="read", io_bytes=4 << 20, runtime_ns=10**6,
+            lat_ns=np.array([1000, 2000]), usr_cpu_ns=usr_cpu_ns, sys_cpu_ns=0,
+            extra={"fio_mem": "shmhuge"} if engine == "fio" else {},
+        )  # fmt: skip
+
+    comparison = Comparison(job, {"fio": [result("fio", 0)], "ctxkv": [result("ctxkv", 500)]})
+    ratio = comparison.summary()["ratio_over_fio"]["ctxkv"]
+    assert ratio["usr_cpu_ns_per_op"] is None and ratio["bw_bytes"] == pytest.approx(1.0)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in the JSON report")
+
+    report = json.loads(json.dumps(comparison_json(comparison)), parse_constant=refuse)
+    assert report["comparison"]["ratio_over_fio"]["ctxkv"]["usr_cpu_ns_per_op"] is None
+    assert "usr CPU per I/O n/a (fio measured 0)" in describe_comparison(comparison)
 
 
 def test_normal_output_prints_both_and_the_ratio(target_file):

@@ -40,10 +40,12 @@ class Comparison:
         read, _ = METRICS[metric]
         return statistics.median(read(run) for run in self.runs[engine])
 
-    def ratio(self, engine: str, metric: str) -> float:
-        """engine's median over fio's: above 1 is more bandwidth or more latency."""
+    def ratio(self, engine: str, metric: str) -> float | None:
+        """engine's median over fio's: above 1 is more bandwidth or more latency. None
+        when fio's median is 0 (a short fio run often reports 0% user CPU): no ratio, and
+        no NaN for a JSON reader to choke on."""
         fio_median = self.median("fio", metric)
-        return self.median(engine, metric) / fio_median if fio_median else float("nan")
+        return self.median(engine, metric) / fio_median if fio_median else None
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         return {

@@ -131,14 +131,18 @@ def describe_comparison(comparison: Comparison) -> str:
         latency = (
             ""
             if engine in per_call
-            else f"p50 latency {ratio['lat_ns_p50']:.3f}, p99 {ratio['lat_ns_p99']:.3f}, "
-            f"p99.9 {ratio['lat_ns_p99.9']:.3f}, "
+            else f"p50 latency {ratio_text(ratio['lat_ns_p50'])}, "
+            f"p99 {ratio_text(ratio['lat_ns_p99'])}, p99.9 {ratio_text(ratio['lat_ns_p99.9'])}, "
         )
         lines.append(
-            f"{engine}/fio (medians): bandwidth {ratio['bw_bytes']:.3f}, {latency}"
-            f"usr CPU per I/O {ratio['usr_cpu_ns_per_op']:.2f}"
+            f"{engine}/fio (medians): bandwidth {ratio_text(ratio['bw_bytes'])}, {latency}"
+            f"usr CPU per I/O {ratio_text(ratio['usr_cpu_ns_per_op'], digits=2)}"
         )
     return "\n".join(lines)
+
+
+def ratio_text(ratio: float | None, digits: int = 3) -> str:
+    return "n/a (fio measured 0)" if ratio is None else f"{ratio:.{digits}f}"
 
 
 def run_json(job: Job, result: RunResult) -> dict[str, Any]:
