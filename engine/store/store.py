@@ -941,7 +941,7 @@ class Store(Closeable):
                     values.append(None)
                     continue
                 with lease:
-                    values.append(b"".join(map(bytes, lease.views)))
+                    values.append(b"".join(lease.views))  # one copy, however many parts
         return values
 
     def get_into(self, key: bytes, buffer: bytearray | memoryview | np.ndarray) -> int | None:
